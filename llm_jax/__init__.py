@@ -1,0 +1,3 @@
+"""llm_jax: Llama-family language models in JAX/Flax."""
+
+from llm_jax.model import ModelConfig, PRESETS, Transformer, get_preset, init_cache

@@ -1,0 +1,1 @@
+"""Building blocks of the Llama decoder: norms, rotary embeddings, attention, MLP, embeddings."""

@@ -1,0 +1,79 @@
+"""Grouped-query self-attention with rotary embeddings and an optional KV cache.
+
+Multi-head attention (K == N) and multi-query attention (K == 1) are special cases. With a cache,
+the keys/values of the new tokens are written at cache slot == their position, so a query at
+position p attends to slots <= p; slots beyond p (stale padding) are never visible.
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llm_jax.layers import attention_kernels
+from llm_jax.layers import rope
+
+
+def write_to_cache(cache, update, positions):
+  """Writes update [B, T, K, H] into cache [B, S, K, H] at slots positions [B, T]."""
+  return jax.vmap(lambda c, u, p: c.at[p].set(u, mode='drop'))(
+      cache, update.astype(cache.dtype), positions)
+
+
+class Attention(nn.Module):
+  """Self-attention block: q/k/v projections, RoPE, attention kernel, output projection."""
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[rope.RopeScaling] = None
+  kernel: str = 'xla'
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _kernel(self, name, shape, axes, fan_in_axes):
+    fan_in_axes = (fan_in_axes,) if isinstance(fan_in_axes, int) else fan_in_axes
+    fan_out_axes = tuple(i for i in range(len(shape)) if i not in fan_in_axes)
+    init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                            in_axis=fan_in_axes, out_axis=fan_out_axes)
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      self.param_dtype).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids=None, cache=None):
+    """x: [B, T, D]; positions, segment_ids: [B, T]; cache: {'k','v'} [B, S, K, H] or None."""
+    embed_dim = x.shape[-1]
+    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    wq = self._kernel('q_proj', (embed_dim, n, h), ('embed', 'heads', 'head_dim'), 0)
+    wk = self._kernel('k_proj', (embed_dim, k, h), ('embed', 'kv_heads', 'head_dim'), 0)
+    wv = self._kernel('v_proj', (embed_dim, k, h), ('embed', 'kv_heads', 'head_dim'), 0)
+    wo = self._kernel('o_proj', (n, h, embed_dim), ('heads', 'head_dim', 'embed'), (0, 1))
+
+    x = x.astype(self.dtype)
+    inv_freq = rope.inverse_frequencies(h, self.rope_theta, self.rope_scaling)
+    query = rope.apply_rope(jnp.einsum('BTD,DNH->BTNH', x, wq), positions, inv_freq)
+    key = rope.apply_rope(jnp.einsum('BTD,DKH->BTKH', x, wk), positions, inv_freq)
+    value = jnp.einsum('BTD,DKH->BTKH', x, wv)
+    query = nn.with_logical_constraint(query, ('act_batch', 'act_seq', 'act_heads', None))
+    key = nn.with_logical_constraint(key, ('act_batch', 'act_seq', 'act_kv_heads', None))
+    value = nn.with_logical_constraint(value, ('act_batch', 'act_seq', 'act_kv_heads', None))
+
+    if cache is None:
+      index = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
+      out = attention_kernels.dot_product_attention(
+          query, key, value, index, index, segment_ids, segment_ids, kernel=self.kernel)
+      new_cache = None
+    else:
+      cache_k = write_to_cache(cache['k'], key, positions)
+      cache_v = write_to_cache(cache['v'], value, positions)
+      slots = jnp.broadcast_to(jnp.arange(cache_k.shape[1], dtype=jnp.int32),
+                               (x.shape[0], cache_k.shape[1]))
+      # Decoding always uses the reference kernel: one query row makes flash kernels moot.
+      out = attention_kernels.xla_attention(query, cache_k.astype(self.dtype),
+                                            cache_v.astype(self.dtype), positions, slots)
+      new_cache = {'k': cache_k, 'v': cache_v}
+    out = checkpoint_name(out, 'attention_out')
+    out = nn.with_logical_constraint(out, ('act_batch', 'act_seq', 'act_heads', None))
+    return jnp.einsum('BTNH,NHD->BTD', out, wo), new_cache

@@ -1,0 +1,25 @@
+"""Token embedding table, also usable as the output projection when embeddings are tied."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class Embedder(nn.Module):
+  """Maps token ids to vectors, and (tied case) vectors back to vocabulary logits."""
+  vocab_size: int
+  embed_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+        (self.vocab_size, self.embed_dim), self.param_dtype)
+
+  def encode(self, tokens):  # tokens: [B, T] -> [B, T, D]
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def decode(self, x):  # x: [B, T, D] -> float32 logits [B, T, V]
+    return jnp.einsum('BTD,VD->BTV', x.astype(self.dtype), self.embedding.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
