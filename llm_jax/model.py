@@ -211,3 +211,30 @@ def count_params(params) -> int:
   """Number of scalars in a (possibly boxed or abstract) parameter tree."""
   leaves = jax.tree.leaves(nn.unbox(params))
   return int(sum(leaf.size for leaf in leaves))
+
+
+def to_config_dict(config: ModelConfig) -> dict:
+  """Plain dict of a ModelConfig (rope_scaling always present), for ml_collections configs."""
+  values = dataclasses.asdict(config)
+  values['rope_scaling'] = dataclasses.asdict(config.rope_scaling or RopeScaling())
+  return values
+
+
+def from_config_dict(values) -> ModelConfig:
+  """Builds a ModelConfig from the `model` section of a config (a ConfigDict or dict)."""
+  values = dict(values.to_dict() if hasattr(values, 'to_dict') else values)
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(values) - fields - {'preset'})
+  if unknown:
+    raise ValueError(f'unknown model config keys {unknown}; expected a subset of {sorted(fields)}')
+  values.pop('preset', None)
+  scaling = values.get('rope_scaling')
+  if isinstance(scaling, dict):
+    scaling = RopeScaling(**scaling)
+  values['rope_scaling'] = None if scaling is None or scaling.rope_type == 'default' else scaling
+  return ModelConfig(**values)
+
+
+def unbox(tree):
+  """Strips logical-partitioning boxes, leaving plain arrays (or ShapeDtypeStructs)."""
+  return nn.unbox(tree)

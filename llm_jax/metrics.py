@@ -1,0 +1,90 @@
+"""Training metrics: TensorBoard events, log lines with ETA, throughput and MFU, summary.json."""
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+from absl import logging
+from tensorboardX import SummaryWriter
+
+from llm_jax import flops
+
+
+def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
+  """Total cross-entropy in nats over a text -> bits per UTF-8 byte of that text."""
+  return loss_sum_nats / (math.log(2) * max(num_bytes, 1))
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard (process 0 only) and to the log."""
+
+  def __init__(self, workdir: str):
+    self._writer = None
+    if jax.process_index() == 0:
+      self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: dict, prefix: str = ''):
+    if self._writer is None:
+      return
+    for name, value in scalars.items():
+      self._writer.add_scalar(f'{prefix}{name}', float(value), step)
+    self._writer.flush()
+
+  def close(self):
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Throughput:
+  """Tokens/s, step time, MFU and ETA between two log points."""
+
+  def __init__(self, model_config, seq_len: int, num_steps: int):
+    self._flops_per_token = flops.training_flops_per_token(model_config, seq_len)
+    self._peak = flops.device_peak_flops(jax.devices()[0])
+    self._num_devices = jax.device_count()
+    self._num_steps = num_steps
+    self._last_time: Optional[float] = None
+    self._last_step = 0
+
+  def start(self, step: int):
+    self._last_time, self._last_step = time.time(), step
+
+  def measure(self, step: int, tokens: float) -> dict:
+    """Figures since the last call; `tokens` counts the tokens processed in that interval."""
+    now = time.time()
+    elapsed = max(now - self._last_time, 1e-9)
+    steps = max(step - self._last_step, 1)
+    tokens_per_second = tokens / elapsed
+    result = {'tokens_per_second': tokens_per_second, 'step_seconds': elapsed / steps,
+              'eta_seconds': (self._num_steps - step) * elapsed / steps}
+    if self._peak:
+      result['mfu'] = flops.mfu(tokens_per_second, self._flops_per_token, self._num_devices,
+                                self._peak)
+    self._last_time, self._last_step = now, step
+    return result
+
+
+def format_line(step: int, num_steps: int, scalars: dict) -> str:
+  """One progress line: step, loss, perplexity, lr, grad norm, speed, ETA."""
+  parts = [f'step {step}/{num_steps}']
+  for key, fmt in (('loss', '.4f'), ('perplexity', '.2f'), ('learning_rate', '.2e'),
+                   ('grad_norm', '.3f'), ('tokens_per_second', ',.0f'), ('step_seconds', '.3f'),
+                   ('mfu', '.1%')):
+    if key in scalars:
+      parts.append(f'{key} {scalars[key]:{fmt}}')
+  if 'eta_seconds' in scalars:
+    parts.append(f"eta {scalars['eta_seconds'] / 60:.1f} min")
+  return ' | '.join(parts)
+
+
+def write_summary(workdir: str, summary: dict):
+  """Writes summary.json atomically (temporary file, then rename)."""
+  path = os.path.join(workdir, 'summary.json')
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(summary, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  logging.info('wrote %s', path)
