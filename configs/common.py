@@ -33,3 +33,39 @@ def mesh_section(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
   mesh.num_slices = 1  # > 1: slices joined over DCN along the data axis
   mesh.rules = tuple(sharding.DEFAULT_RULES)
   return mesh
+
+
+def pretraining_config(preset: str, *, seq_len: int, global_batch_size: int, num_steps: int,
+                       learning_rate: float, warmup_steps: int, end_lr_ratio: float,
+                       tokenizer: str, tokenizer_path: str, adam_eps: float = 1e-8):
+  """An accelerator pretraining config: bf16 compute, FSDP over all chips, C4 from TFDS."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model = model_section(preset, dtype='bfloat16',
+                               remat_policy='dots_with_no_batch_dims_saveable')
+  config.data.dataset = 'tfds'
+  config.data.tfds_name = 'c4/en:3.0.1'
+  config.data.tfds_data_dir = 'gs://tensorflow-datasets/datasets'
+  config.data.eval_split = 'validation'
+  config.data.seq_len = seq_len
+  config.data.global_batch_size = global_batch_size
+  config.data.eval_batch_size = global_batch_size
+  config.data.tokenizer = tokenizer
+  config.data.tokenizer_path = tokenizer_path
+  config.data.num_workers = 16
+  config.optim.learning_rate = learning_rate
+  config.optim.warmup_steps = warmup_steps
+  config.optim.schedule = 'cosine'
+  config.optim.end_lr_ratio = end_lr_ratio
+  config.optim.b1, config.optim.b2, config.optim.eps = 0.9, 0.95, adam_eps
+  config.optim.weight_decay = 0.1
+  config.optim.grad_clip_norm = 1.0
+  config.train.num_steps = num_steps
+  config.train.log_every = 50
+  config.eval.every_steps = 2000
+  config.eval.num_batches = 50
+  config.checkpoint.every_steps = 1000
+  config.checkpoint.keep = 3
+  config.mesh = mesh_section(shape=(1, -1, 1))  # FSDP over every chip
+  config.decode.temperature = 0.7
+  return config

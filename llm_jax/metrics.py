@@ -19,12 +19,16 @@ def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
 
 
 class MetricsWriter:
-  """Writes scalars to TensorBoard (process 0 only) and to the log."""
+  """Writes scalars to TensorBoard and to metrics.jsonl (one JSON object a line), process 0 only.
+
+  The JSON lines are for scripts (sweeps, tests) that want the numbers without TensorBoard.
+  """
 
   def __init__(self, workdir: str):
-    self._writer = None
+    self._writer = self._jsonl = None
     if jax.process_index() == 0:
       self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
   def write(self, step: int, scalars: dict, prefix: str = ''):
     if self._writer is None:
@@ -32,10 +36,14 @@ class MetricsWriter:
     for name, value in scalars.items():
       self._writer.add_scalar(f'{prefix}{name}', float(value), step)
     self._writer.flush()
+    record = {'step': step, **{f'{prefix}{k}': float(v) for k, v in scalars.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
 
   def close(self):
     if self._writer is not None:
       self._writer.close()
+      self._jsonl.close()
 
 
 class Throughput:

@@ -101,10 +101,10 @@ def _numerics(model_config):
 
 def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -> list:
   """A few sampled continuations of the config's prompts, to eyeball what the model learned."""
-  from llm_jax import decode  # pylint: disable=g-import-not-at-top
   prompts = list(config.decode.prompts)
   if not prompts:
     return []
+  from llm_jax import decode  # pylint: disable=g-import-not-at-top
   texts = decode.generate(
       model_config, params, prompts, tokenizer=tokenizer, mesh=mesh, rules=rules,
       max_new_tokens=config.decode.max_new_tokens, temperature=config.decode.temperature,
@@ -134,7 +134,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batch_shape = (config.data.global_batch_size, config.data.seq_len)
   logging.info('model %s, %.2fM parameters; mesh %s', model_config,
                model_lib.count_params(model_lib.abstract_params(model_config)) / 1e6, mesh.shape)
-  logging.info(memory.estimate_memory_per_device(model_config, mesh, rules, batch_shape))
+  logging.info('memory per device: %s', memory.estimate_memory_per_device(
+      model_config, mesh, rules, batch_shape, accum_steps=config.optim.grad_accum_steps))
 
   manager = checkpoint.create_manager(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
                                       keep=config.checkpoint.keep,

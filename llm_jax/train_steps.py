@@ -78,7 +78,7 @@ def train_step(state: TrainState, batch, *, model_config, tx, schedule: Callable
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
   loss = ce_sum / denom
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)

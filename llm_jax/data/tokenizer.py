@@ -1,0 +1,254 @@
+"""Tokenizers behind one small interface: SentencePiece models, Hugging Face tokenizer.json files,
+and training a SentencePiece BPE model on a corpus.
+
+Every tokenizer has `encode(str) -> list[int]`, `decode(list[int]) -> str` and the attributes
+`bos_id`, `eos_id`, `pad_id`, `vocab_size`. `encode` adds no special tokens: the input pipeline
+adds BOS/EOS itself. Tokenizers pickle (grain worker processes receive a copy).
+"""
+
+import json
+import os
+from typing import Iterable, Iterator, Optional, Protocol, Sequence
+
+from absl import logging
+import numpy as np
+import sentencepiece as spm
+import tokenizers
+
+# A SentencePiece training "sentence" is a chunk of whole lines of about this many characters:
+# long enough that pieces can span a newline (':\n', '\n\n'), short enough for the trainer.
+_SPM_CHUNK_CHARS = 2048
+# Special token names looked up in a tokenizer.json when no tokenizer_config.json says which
+# tokens are BOS/EOS/PAD (Llama 3, Llama 2 HF, GPT-2 style, Gemma style).
+_BOS_NAMES = ('<|begin_of_text|>', '<s>', '<bos>', '<|startoftext|>')
+_EOS_NAMES = ('<|end_of_text|>', '</s>', '<eos>', '<|endoftext|>')
+_PAD_NAMES = ('<pad>', '<|pad|>', '[PAD]', '<|finetune_right_pad_id|>')
+
+
+class Tokenizer(Protocol):
+  """What the input pipeline, evaluation and sampling need from a tokenizer."""
+  bos_id: int
+  eos_id: int
+  pad_id: int
+  vocab_size: int
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def decode(self, ids: Sequence[int]) -> str:
+    ...
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece model (a Llama 2 `tokenizer.model` or one trained by `train_sentencepiece`).
+
+  `pad_id` is the model's pad piece, or EOS when it has none (Llama 2): padded positions are
+  masked out of attention and loss, so any valid id serves.
+  """
+
+  def __init__(self, model_proto: bytes, path: str = '<in memory>'):
+    self.path = path
+    self._model_proto = model_proto
+    self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    self.vocab_size = self._processor.vocab_size()
+    self.bos_id = self._processor.bos_id()
+    self.eos_id = self._processor.eos_id()
+    if self.bos_id < 0 or self.eos_id < 0:
+      raise ValueError(f'SentencePiece model {path} has no BOS or EOS piece '
+                       f'(bos_id={self.bos_id}, eos_id={self.eos_id})')
+    pad_id = self._processor.pad_id()
+    self.pad_id = pad_id if pad_id >= 0 else self.eos_id
+
+  @classmethod
+  def from_file(cls, path: str) -> 'SentencePieceTokenizer':
+    with open(path, 'rb') as f:
+      return cls(f.read(), path)
+
+  @property
+  def model_proto(self) -> bytes:
+    return self._model_proto
+
+  def encode(self, text: str) -> list[int]:
+    return self._processor.encode(text)
+
+  def encode_array(self, text: str) -> np.ndarray:
+    """Like `encode`, as an int32 array without the list round trip (for the input pipeline)."""
+    return self._processor.encode_as_numpy(text).astype(np.int32, copy=False)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._processor.decode([int(i) for i in ids])
+
+  def __getstate__(self):
+    return {'model_proto': self._model_proto, 'path': self.path}
+
+  def __setstate__(self, state):
+    self.__init__(state['model_proto'], state['path'])
+
+  def __repr__(self):
+    return f'SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})'
+
+
+class HuggingFaceTokenizer:
+  """A Hugging Face `tokenizers` tokenizer.json (Llama 3). Decoding drops special tokens."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, bos_id: int, eos_id: int, pad_id: int,
+               path: str = '<in memory>'):
+    self.path = path
+    self._tokenizer = tokenizer
+    self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+    self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @classmethod
+  def from_file(cls, path: str) -> 'HuggingFaceTokenizer':
+    """Loads `path` (a tokenizer.json or a directory holding one).
+
+    BOS/EOS/PAD come from a tokenizer_config.json next to it when present, else from the
+    well-known special token names; PAD falls back to EOS.
+    """
+    if os.path.isdir(path):
+      path = os.path.join(path, 'tokenizer.json')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'tokenizer file {path} does not exist')
+    tokenizer = tokenizers.Tokenizer.from_file(path)
+    named = _special_tokens_from_config(os.path.join(os.path.dirname(path),
+                                                    'tokenizer_config.json'))
+    ids = {}
+    for role, names in (('bos', _BOS_NAMES), ('eos', _EOS_NAMES), ('pad', _PAD_NAMES)):
+      candidates = (named[role],) if named.get(role) else names
+      ids[role] = next((tokenizer.token_to_id(n) for n in candidates
+                        if tokenizer.token_to_id(n) is not None), None)
+    for role in ('bos', 'eos'):
+      if ids[role] is None:
+        raise ValueError(f'tokenizer {path}: cannot tell its {role.upper()} token; add a '
+                         f'tokenizer_config.json with "{role}_token" next to it')
+    pad_id = ids['pad'] if ids['pad'] is not None else ids['eos']
+    return cls(tokenizer, ids['bos'], ids['eos'], pad_id, path)
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self.encode(text), np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def __repr__(self):
+    return f'HuggingFaceTokenizer({self.path!r}, vocab_size={self.vocab_size})'
+
+
+def _special_tokens_from_config(config_path: str) -> dict:
+  if not os.path.exists(config_path):
+    return {}
+  with open(config_path, encoding='utf-8') as f:
+    config = json.load(f)
+  result = {}
+  for role in ('bos', 'eos', 'pad'):
+    value = config.get(f'{role}_token')
+    result[role] = value.get('content') if isinstance(value, dict) else value
+  return result
+
+
+def load_tokenizer(path: str, kind: str = 'auto') -> Tokenizer:
+  """Loads a tokenizer file.
+
+  Args:
+    path: a SentencePiece `.model` file, or a Hugging Face `tokenizer.json` (or its directory).
+    kind: 'sentencepiece', 'huggingface', or 'auto' (from the file name).
+
+  Returns:
+    The tokenizer.
+  """
+  if not path:
+    raise ValueError('tokenizer path is empty; set config.data.tokenizer_path')
+  if kind == 'auto':
+    kind = 'huggingface' if os.path.isdir(path) or path.endswith('.json') else 'sentencepiece'
+  if kind == 'sentencepiece':
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'SentencePiece model {path} does not exist')
+    return SentencePieceTokenizer.from_file(path)
+  if kind == 'huggingface':
+    return HuggingFaceTokenizer.from_file(path)
+  raise ValueError(f'unknown tokenizer kind {kind!r}; expected sentencepiece, huggingface '
+                   'or auto')
+
+
+def check_vocab_fits(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+  """Raises if some token id of `tokenizer` has no row in the model's embedding table."""
+  if tokenizer.vocab_size > model_vocab_size:
+    raise ValueError(
+        f'tokenizer {getattr(tokenizer, "path", tokenizer)} has vocab_size '
+        f'{tokenizer.vocab_size} (largest id {tokenizer.vocab_size - 1}), which does not fit the '
+        f'model vocab_size {model_vocab_size}; use a model with vocab_size >= '
+        f'{tokenizer.vocab_size} (--config.model.vocab_size) or a smaller tokenizer')
+
+
+def _sentences(texts: Iterable[str]) -> Iterator[str]:
+  """Cuts documents into chunks of whole lines, each at most _SPM_CHUNK_CHARS characters."""
+  for text in texts:
+    chunk = ''
+    for line in text.splitlines(keepends=True):
+      while len(line) > _SPM_CHUNK_CHARS:
+        if chunk:
+          yield chunk
+          chunk = ''
+        yield line[:_SPM_CHUNK_CHARS]
+        line = line[_SPM_CHUNK_CHARS:]
+      if chunk and len(chunk) + len(line) > _SPM_CHUNK_CHARS:
+        yield chunk
+        chunk = ''
+      chunk += line
+    if chunk:
+      yield chunk
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: Optional[str] = None,
+                        num_threads: Optional[int] = None) -> SentencePieceTokenizer:
+  """Trains a byte-fallback BPE SentencePiece model; writes it to `path` when given.
+
+  Text is kept exactly (identity normalisation, whitespace and newlines preserved, no dummy
+  prefix), so `decode(encode(text)) == text`. Ids: pad 0, bos 1, eos 2, unk 3. The same texts
+  give the same model (no sentence sampling), so several hosts training it agree.
+
+  Args:
+    texts: training documents.
+    vocab_size: the number of pieces, including 256 byte pieces and 4 special ones.
+    path: where to write the `.model` file (atomically), or None.
+    num_threads: trainer threads (default: all cores).
+
+  Returns:
+    The trained tokenizer.
+  """
+  writer = _BytesWriter()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_sentences(texts), model_writer=writer, vocab_size=vocab_size,
+        model_type='bpe', byte_fallback=True, character_coverage=0.9995,
+        normalization_rule_name='identity', remove_extra_whitespaces=False,
+        add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, input_sentence_size=0,
+        shuffle_input_sentence=False, max_sentence_length=4 * _SPM_CHUNK_CHARS,
+        num_threads=num_threads or os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise ValueError(f'training a SentencePiece model with vocab_size={vocab_size} failed '
+                     f'(the vocabulary must hold 260 byte and special pieces plus the '
+                     f'characters, and the text must allow enough merges): {e}') from e
+  tokenizer = SentencePieceTokenizer(writer.data, path or '<in memory>')
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f'{path}.tmp{os.getpid()}'
+    with open(temporary, 'wb') as f:
+      f.write(writer.data)
+    os.replace(temporary, path)
+    logging.info('Trained a SentencePiece model with %d pieces: %s', vocab_size, path)
+  return tokenizer
+
+
+class _BytesWriter:
+  """The file-like object SentencePieceTrainer writes the serialised model into."""
+
+  def __init__(self):
+    self.data = b''
+
+  def write(self, data: bytes) -> None:
+    self.data += data

@@ -1,0 +1,120 @@
+"""Attention kernels against jax.nn.dot_product_attention and a float64 numpy reference.
+
+The cuDNN kernel is checked by running its exact `jax.nn.dot_product_attention` call with
+implementation='xla' (no GPU here); splash attention runs in the Pallas interpreter on CPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import sharding
+from llm_jax.layers import attention_kernels as ak
+
+
+def numpy_attention(q, k, v, q_index, kv_index, q_segments=None, kv_segments=None):
+  """Grouped-query attention one (batch, head, query) at a time, in float64."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  batch, q_len, num_heads, head_dim = q.shape
+  group = num_heads // k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(batch):
+    for n in range(num_heads):
+      for t in range(q_len):
+        visible = kv_index[b] <= q_index[b, t]
+        if q_segments is not None:
+          visible &= kv_segments[b] == q_segments[b, t]
+        scores = k[b, :, n // group] @ q[b, t, n] / np.sqrt(head_dim)
+        scores = np.where(visible, scores, -np.inf)
+        weights = np.exp(scores - scores.max())
+        out[b, t, n] = (weights / weights.sum()) @ v[b, :, n // group]
+  return out
+
+
+def _inputs(batch=2, q_len=16, kv_len=16, num_heads=4, num_kv_heads=2, head_dim=8, seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(batch, q_len, num_heads, head_dim)).astype(np.float32)
+  k = rng.normal(size=(batch, kv_len, num_kv_heads, head_dim)).astype(np.float32)
+  v = rng.normal(size=(batch, kv_len, num_kv_heads, head_dim)).astype(np.float32)
+  # Packed rows: sorted segment ids 1..3, so every query sees at least itself.
+  segments = np.sort(rng.integers(1, 4, size=(batch, kv_len)), axis=1).astype(np.int32)
+  return q, k, v, segments
+
+
+def _arange(batch, length):
+  return np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length))
+
+
+def test_xla_matches_jax_nn_causal_gqa():
+  q, k, v, _ = _inputs()
+  index = _arange(2, 16)
+  ours = ak.xla_attention(q, k, v, index, index)
+  theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation='xla')
+  np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_xla_matches_numpy_with_segments_and_offset_queries():
+  q, k, v, kv_segments = _inputs(q_len=4, kv_len=16)
+  q_index = np.array([[5, 6, 7, 8], [12, 13, 14, 15]], np.int32)  # a decode-like chunk
+  q_segments = np.take_along_axis(kv_segments, q_index, axis=1)
+  kv_index = _arange(2, 16)
+  ours = ak.xla_attention(q, k, v, q_index, kv_index, q_segments, kv_segments)
+  expected = numpy_attention(q, k, v, q_index, kv_index, q_segments, kv_segments)
+  np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_cudnn_call_arguments_mask_segments():
+  q, k, v, segments = _inputs()
+  index = _arange(2, 16)
+  ours = ak.cudnn_attention(q, k, v, segments, segments, implementation='xla')
+  expected = numpy_attention(q, k, v, index, index, segments, segments)
+  np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_cudnn_refuses_float32_with_clear_error():
+  q, k, v, _ = _inputs()
+  with pytest.raises(ValueError, match="attention_kernel='cudnn' needs dtype bfloat16"):
+    ak.dot_product_attention(q, k, v, _arange(2, 16), _arange(2, 16), kernel='cudnn')
+
+
+def test_splash_matches_numpy_and_gradients_match_xla():
+  q, k, v, segments = _inputs(batch=1, q_len=128, kv_len=128, num_heads=2, num_kv_heads=1)
+  index = _arange(1, 128)
+  out = jax.jit(lambda q, k, v: ak.splash_attention(q, k, v, segments, segments,
+                                                     interpret=True))(q, k, v)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, index, index, segments, segments),
+                             atol=1e-5)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+  splash_grads = jax.jit(jax.grad(loss(lambda q, k, v: ak.splash_attention(
+      q, k, v, segments, segments, interpret=True)), argnums=(0, 1, 2)))(q, k, v)
+  xla_grads = jax.grad(loss(lambda q, k, v: ak.xla_attention(
+      q, k, v, index, index, segments, segments)), argnums=(0, 1, 2))(q, k, v)
+  for ours, reference in zip(splash_grads, xla_grads):
+    np.testing.assert_allclose(ours, reference, atol=2e-5)
+
+
+def test_splash_sharded_over_mesh_repeats_kv_heads_that_do_not_split():
+  # tensor=4 splits the 4 query heads but not the 2 key/value heads.
+  q, k, v, segments = _inputs(batch=2, q_len=128, kv_len=128, num_heads=4, num_kv_heads=2)
+  mesh = sharding.create_mesh((2, 1, 4))
+  with sharding.activate(mesh, sharding.DEFAULT_RULES):
+    out = jax.jit(lambda q, k, v, s: ak.splash_attention(q, k, v, s, s, interpret=True))(
+        q, k, v, segments)
+  index = _arange(2, 128)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, index, index, segments, segments),
+                             atol=1e-5)
+
+
+def test_splash_length_rules():
+  q, k, v, segments = _inputs(q_len=8, kv_len=8)
+  index = _arange(2, 8)
+  short = ak.dot_product_attention(q, k, v, index, index, segments, segments, kernel='splash')
+  np.testing.assert_allclose(short, numpy_attention(q, k, v, index, index, segments, segments),
+                             atol=1e-5)
+  q, k, v, _ = _inputs(q_len=192, kv_len=192)
+  with pytest.raises(ValueError, match='multiples of 128; got 192'):
+    ak.dot_product_attention(q, k, v, _arange(2, 192), _arange(2, 192), kernel='splash')
