@@ -157,8 +157,8 @@ class _Bucket:
   cache_dtype: str
 
 
-def _round_up_pow2(n: int) -> int:
-  return max(_MIN_BUCKET, 1 << (n - 1).bit_length())
+def _round_up_pow2(n: int, minimum: int = _MIN_BUCKET) -> int:
+  return max(minimum, 1 << (n - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------- model calls
@@ -453,10 +453,12 @@ def _plan(config, prompts, options: GenerationOptions, stop_ids: tuple, cache_dt
   batch = -(-(1 << (len(prompts) - 1).bit_length()) // multiple) * multiple
   prompt_len = min(_round_up_pow2(max(p.size for p in prompts)), config.max_seq_len)
   max_new = _round_up_pow2(options.max_new_tokens)
+  # Beam search keeps (1 + #stop ids) * num_beams candidates, so it needs the exact count;
+  # the sampling loop takes the ids padded with -1 (never a token) to a few sizes.
+  num_stop = len(stop_ids) if options.num_beams > 1 else _round_up_pow2(len(stop_ids), 4)
   bucket = _Bucket(batch=batch, prompt_len=prompt_len,
                    cache_len=min(prompt_len + max_new, config.max_seq_len), max_new=max_new,
-                   num_stop=len(stop_ids),
-                   cache_dtype=_cache_dtype(config, layout, cache_dtype))
+                   num_stop=num_stop, cache_dtype=_cache_dtype(config, layout, cache_dtype))
   tokens = np.full((batch, prompt_len), PAD_ID, np.int32)
   lengths = np.ones((batch,), np.int32)  # batch-padding rows: one PAD token, done from start
   for i, prompt in enumerate(prompts):
@@ -464,7 +466,8 @@ def _plan(config, prompts, options: GenerationOptions, stop_ids: tuple, cache_dt
     lengths[i] = prompt.size
   valid = np.arange(batch) < len(prompts)
   inputs = (tokens, lengths, valid, np.int32(options.seed), options.knobs(),
-            np.asarray(stop_ids, np.int32).reshape(-1), np.int32(options.max_new_tokens))
+            np.asarray(stop_ids + (-1,) * (num_stop - len(stop_ids)), np.int32),
+            np.int32(options.max_new_tokens))
   return _Job(layout, bucket, options.spec, inputs, len(prompts), stop_ids)
 
 

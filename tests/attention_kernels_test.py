@@ -72,6 +72,17 @@ def test_cudnn_call_arguments_mask_segments():
   np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
+def test_cudnn_call_under_mesh_repeats_kv_heads_that_do_not_split():
+  q, k, v, segments = _inputs()
+  mesh = sharding.create_mesh((2, 1, 4))  # tensor=4 splits 4 query heads, not 2 kv heads
+  with sharding.activate(mesh, sharding.DEFAULT_RULES):
+    out = jax.jit(lambda q, k, v, s: ak.cudnn_attention(q, k, v, s, s, implementation='xla'))(
+        q, k, v, segments)
+  index = _arange(2, 16)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, index, index, segments, segments),
+                             atol=1e-5)
+
+
 def test_cudnn_refuses_float32_with_clear_error():
   q, k, v, _ = _inputs()
   with pytest.raises(ValueError, match="attention_kernel='cudnn' needs dtype bfloat16"):

@@ -18,14 +18,16 @@ import torch
 import transformers
 from safetensors import numpy as safetensors_numpy
 
-from llm_jax.convert import config_from_hf, config_to_hf, load_hf, save_hf
+from llm_jax import model as model_lib
+from llm_jax.convert import config_from_hf, config_to_hf, load_hf, safetensors_io, save_hf
 from llm_jax.model import Transformer
 
 VOCAB, LENGTH = 256, 24
 LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 50000.0, 'factor': 8.0,
                'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
-               # Small enough that the test's head dims fall in all three frequency bands.
-               'original_max_position_embeddings': 16}
+               # With head_dim 16 the wavelengths 6.3, 24 and >= 94 fall in the kept, blended
+               # and slowed bands (bounds 32 / 4 = 8 and 32 / 1 = 32).
+               'original_max_position_embeddings': 32}
 VARIANTS = {
     'mha': dict(num_key_value_heads=4),
     'gqa': dict(num_key_value_heads=2),
@@ -129,7 +131,6 @@ def test_unscanned_layout_gives_the_same_logits(gqa_checkpoint):
 
 def read_directory(directory):
   """All tensors of a safetensors checkpoint directory as numpy arrays (bfloat16 included)."""
-  from llm_jax.convert import safetensors_io  # pylint: disable=g-import-not-at-top
   return {name: np.array(info.read()) for name, info in
           safetensors_io.index_directory(directory).items()}
 
@@ -183,7 +184,6 @@ def test_sharded_save_round_trips_and_loads_in_transformers(tmp_path, gqa_checkp
 
 
 def test_save_accepts_boxed_jax_params_and_refuses_to_overwrite(tmp_path):
-  from llm_jax import model as model_lib  # pylint: disable=g-import-not-at-top
   config = model_lib.get_preset('tiny', num_layers=2, vocab_size=128)
   rng = np.random.RandomState(0)
   boxed = {'params': jax.tree.map(
@@ -204,7 +204,7 @@ def test_save_rejects_params_that_do_not_fit_the_config(tmp_path, gqa_checkpoint
   config, params = load_hf(directory)
   with pytest.raises(ValueError, match='lm_head'):  # Would be dropped silently when tied.
     save_hf(config.replace(tie_embeddings=True), params, str(tmp_path / 'tied'))
-  with pytest.raises(ValueError, match=r'layers/mlp/up_proj.*\[2, 64, 96\]'):
+  with pytest.raises(ValueError, match=r'layers/mlp/gate_proj\[0\].*\[64, 96\]'):
     save_hf(config.replace(mlp_dim=128), params, str(tmp_path / 'wider'))
 
 

@@ -113,6 +113,7 @@ def test_text_files_rebuild_when_a_file_changes(tmp_path):
     (None, 'missing/a.txt', FileNotFoundError, r'missing/a\.txt .*does not exist'),
     (None, 'nothing/*.txt', FileNotFoundError, r'no files match .*nothing/\*\.txt'),
     ({'e.txt': '', 'f.jsonl': '\n'}, '*', ValueError, 'hold no text'),
+    ({'a.txt': 'alone\n'}, '*', ValueError, 'only one document'),
     ({'a.csv': 'x,y\n'}, '*', ValueError, r'neither \.txt nor \.jsonl.*a\.csv'),
     ({'a.jsonl': '{"text": "ok"}\n{oops\n'}, '*.jsonl', ValueError, r'a\.jsonl:2: not a JSON'),
     ({'a.jsonl': '{"txt": "x"}\n'}, '*.jsonl', ValueError, r"a\.jsonl:1: no field 'text'"),
@@ -132,6 +133,7 @@ def test_unknown_dataset_and_split_are_errors(tmp_path):
   with pytest.raises(ValueError, match='needs config.data.text_glob|text_glob is empty'):
     sources.open_split(_data_config(tmp_path, dataset='text_files'), 'train')
   _write(tmp_path / 'in' / 'a.txt', 'hello\n')
+  _write(tmp_path / 'in' / 'b.txt', 'world\n')
   config = _data_config(tmp_path, dataset='text_files', text_glob=str(tmp_path / 'in'))
   with pytest.raises(ValueError, match="no split 'test'"):
     sources.open_split(config, 'test')

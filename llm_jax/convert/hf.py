@@ -298,13 +298,21 @@ def load_hf(path: str, *, param_dtype: Optional[str] = None, scan_layers: bool =
     raise ValueError(f'param_dtype={param_dtype!r}; expected one of {sorted(_DTYPE_NAMES)}')
   values = dict(dtype=dtype.name, param_dtype=dtype.name, scan_layers=scan_layers)
   cfg = config_from_hf(hf_config, **dict(values, **overrides))
+  params = _read_params(cfg, tensors, dtype)
+  if cfg.tie_embeddings and 'lm_head.weight' in tensors:
+    _check_tied_head(tensors, params)
+  return cfg, params
 
+
+def _read_params(cfg: ModelConfig, tensors: Mapping[str, safetensors_io.TensorInfo],
+                 dtype: np.dtype) -> dict:
+  """Allocates each parameter once (stacked when scanning) and fills it tensor by tensor."""
   params = {}
   for spec in _top_tensors(cfg):
     out = np.empty(spec.shape, dtype)
     _copy_into(out, spec, tensors[spec.hf_name])
     _set(params, spec.path, out)
-  if scan_layers:
+  if cfg.scan_layers:
     stacked = {spec.path: np.empty((cfg.num_layers,) + spec.shape, dtype)
                for spec in _layer_tensors(cfg, 0)}
     for i in range(cfg.num_layers):
@@ -318,22 +326,19 @@ def load_hf(path: str, *, param_dtype: Optional[str] = None, scan_layers: bool =
         out = np.empty(spec.shape, dtype)
         _copy_into(out, spec, tensors[spec.hf_name])
         _set(params, (f'layers_{i}',) + spec.path, out)
-  if cfg.tie_embeddings and 'lm_head.weight' in tensors:
-    _check_tied_head(tensors, params)
-  return cfg, params
+  return params
 
 
 def _hf_sources(cfg: ModelConfig, params: Mapping) -> Iterator[safetensors_io.TensorSource]:
   """(name, shape, dtype, produce) for each HF tensor, in the order transformers writes them."""
-  scanned = 'layers' in params
 
-  def source(spec: _Tensor, array):
+  def source(spec: _Tensor, array, where: str):
     array_dtype = np.dtype(array.dtype)
     if tuple(array.shape) != spec.shape:
-      raise ValueError(f'parameter {"/".join(spec.path)} for {spec.hf_name} has shape '
-                       f'{list(array.shape)}, expected {list(spec.shape)}')
+      raise ValueError(f'parameter {where} for {spec.hf_name} has shape {list(array.shape)}, '
+                       f'expected {list(spec.shape)}')
     if array_dtype.name not in _DTYPE_NAMES:
-      raise ValueError(f'parameter {"/".join(spec.path)} has dtype {array_dtype}; expected one of '
+      raise ValueError(f'parameter {where} has dtype {array_dtype}; expected one of '
                        f'{sorted(_DTYPE_NAMES)}')
     if spec.transpose:
       produce = lambda: np.asarray(array).reshape(spec.hf_shape[::-1]).T
@@ -341,21 +346,26 @@ def _hf_sources(cfg: ModelConfig, params: Mapping) -> Iterator[safetensors_io.Te
       produce = lambda: np.asarray(array)
     return spec.hf_name, spec.hf_shape, array_dtype, produce
 
-  top = {spec.hf_name: spec for spec in _top_tensors(cfg)}
-  yield source(top['model.embed_tokens.weight'], _get(params, ('embedder', 'embedding')))
+  def top(path: tuple[str, ...]):
+    spec = next(t for t in _top_tensors(cfg) if t.path == path)
+    return source(spec, _get(params, path), '/'.join(path))
+
+  yield top(('embedder', 'embedding'))
   for i in range(cfg.num_layers):
     for spec in _layer_tensors(cfg, i):
-      if scanned:
+      if 'layers' in params:
         stacked = _get(params, ('layers',) + spec.path)
+        where = '/'.join(('layers',) + spec.path)
         if stacked.shape[:1] != (cfg.num_layers,):
-          raise ValueError(f'parameter layers/{"/".join(spec.path)} has shape '
-                           f'{list(stacked.shape)}; expected {cfg.num_layers} stacked layers')
-        yield source(spec, stacked[i])
+          raise ValueError(f'parameter {where} has shape {list(stacked.shape)}; expected '
+                           f'{cfg.num_layers} stacked layers')
+        yield source(spec, stacked[i], f'{where}[{i}]')
       else:
-        yield source(spec, _get(params, (f'layers_{i}',) + spec.path))
-  yield source(top['model.norm.weight'], _get(params, ('final_norm', 'scale')))
-  if 'lm_head.weight' in top:
-    yield source(top['lm_head.weight'], _get(params, ('lm_head',)))
+        path = (f'layers_{i}',) + spec.path
+        yield source(spec, _get(params, path), '/'.join(path))
+  yield top(('final_norm', 'scale'))
+  if not cfg.tie_embeddings:
+    yield top(('lm_head',))
 
 
 def _check_no_extra_params(cfg: ModelConfig, params: Mapping) -> None:
@@ -384,7 +394,7 @@ def save_hf(config: ModelConfig, params: Mapping, path: str, *,
 
   Args:
     config: the model's config.
-    params: parameter tree, scanned or not (whatever `config.scan_layers` says), boxed or not,
+    params: parameter tree, scanned ('layers') or not ('layers_0', ...), boxed or not,
       numpy or (fully addressable) jax arrays; a {'params': ...} wrapper is accepted.
     path: output directory, created if needed.
     max_shard_bytes: largest size of one safetensors file.
@@ -406,6 +416,8 @@ def save_hf(config: ModelConfig, params: Mapping, path: str, *,
   hf_config.update(extra_config or {})
   sources = list(_hf_sources(config, params))
   _check_no_extra_params(config, params)
+  # Declare the dtype the tensors really have (params may have been cast after training).
+  hf_config['dtype'] = hf_config['torch_dtype'] = sources[0][2].name
   os.makedirs(path, exist_ok=True)
   existing = sorted(name for name in os.listdir(path) if name.endswith('.safetensors')
                     or name == safetensors_io.INDEX_FILE)

@@ -82,6 +82,9 @@ def index_directory(directory: str) -> dict[str, TensorInfo]:
   """TensorInfo for every tensor of a checkpoint directory (single file or sharded with index)."""
   index_path = os.path.join(directory, INDEX_FILE)
   single_path = os.path.join(directory, SINGLE_FILE)
+  # transformers also prefers the single file when both are present.
+  if os.path.exists(single_path):
+    return read_header(single_path)
   if os.path.exists(index_path):
     with open(index_path) as f:
       weight_map = json.load(f).get('weight_map')
@@ -92,7 +95,11 @@ def index_directory(directory: str) -> dict[str, TensorInfo]:
       path = os.path.join(directory, shard)
       if not os.path.exists(path):
         raise FileNotFoundError(f'{index_path} names shard {shard}, which does not exist')
-      tensors.update(read_header(path))
+      shard_tensors = read_header(path)
+      duplicated = sorted(set(shard_tensors) & set(tensors))
+      if duplicated:
+        raise ValueError(f'tensors {duplicated[:5]} appear in {shard} and in another shard')
+      tensors.update(shard_tensors)
     for name, shard in weight_map.items():
       if name not in tensors or os.path.basename(tensors[name].filename) != shard:
         raise ValueError(f'{index_path} maps tensor {name!r} to {shard}, which does not hold it')
@@ -101,8 +108,6 @@ def index_directory(directory: str) -> dict[str, TensorInfo]:
       raise ValueError(f'shards in {directory} hold tensors missing from {INDEX_FILE}: '
                        f'{unlisted[:5]}')
     return tensors
-  if os.path.exists(single_path):
-    return read_header(single_path)
   found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
   raise FileNotFoundError(f'no {SINGLE_FILE} or {INDEX_FILE} in {directory} (found {found}); '
                           'only safetensors checkpoints are supported')

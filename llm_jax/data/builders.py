@@ -6,13 +6,15 @@
   files. One config per interpreter version, so a different Python builds its own copy.
 * `TextFiles`: the user's own `.txt` / `.jsonl` files matching a glob. A `.jsonl` line is one
   document (its `jsonl_field`); a `.txt` file is cut at line ends into documents of at most
-  `TXT_DOCUMENT_CHARS`, so one big file still gives a train and a validation split. The config
-  name is a fingerprint of the files (paths, sizes, modification times), so edits rebuild.
+  `TXT_DOCUMENT_CHARS` (a longer line stays whole), so one big file still gives a train and a
+  validation split. The config name is a fingerprint of the files (paths, sizes, modification
+  times), so edited files are rebuilt.
 
 Both split documents into train and validation by a hash of their key (relative path, plus line
-or chunk number), so a document never moves between splits when others are added. Both have
-the features {'text': Text, 'path': Text} and record in `info.metadata` how many files were
-empty or held bytes that are not UTF-8 (decoded with U+FFFD replacement characters).
+or chunk number): about VALIDATION_PERCENT go to validation, and at least one document when
+there are two or more. Both have the features {'text': Text, 'path': Text} and record in
+`info.metadata` how many files held bytes that are not UTF-8 (decoded with U+FFFD replacement
+characters) or, for TextFiles, were empty; the counts are also logged with the file names.
 Preparing them needs no TensorFlow: tfds' GeneratorBasedBuilder writes ArrayRecord by itself.
 """
 
@@ -66,7 +68,8 @@ class _FileStats:
     for kind, files in (('empty', self.empty), ('undecodable', self.undecodable)):
       metadata[f'{kind}_files'] = metadata.get(f'{kind}_files', 0) + len(files)
       if files:
-        what = 'are empty' if kind == 'empty' else 'hold bytes that are not UTF-8 (replaced by U+FFFD)'
+        what = ('are empty' if kind == 'empty'
+                else 'hold bytes that are not UTF-8 (replaced by U+FFFD)')
         logging.warning('%s: %d files %s, e.g. %s', dataset, len(files), what,
                         files[:_LOGGED_FILES])
 
@@ -94,13 +97,18 @@ def stdlib_root() -> str:
 def stdlib_files(root: str, packages: Sequence[str] = ()) -> list[str]:
   """Relative paths of the library's .py files (optionally only the given top-level names)."""
   paths = []
-  for path in glob.glob(os.path.join(root, '**', '*.py'), recursive=True):
-    parts = os.path.relpath(path, root).split(os.sep)
-    if parts[0] in _EXCLUDED_TOP_DIRS or any(p in _EXCLUDED_DIRS for p in parts[:-1]):
-      continue
-    if packages and parts[0].removesuffix('.py') not in packages:
-      continue
-    paths.append('/'.join(parts))
+  for directory, subdirectories, filenames in os.walk(root):
+    relative = os.path.relpath(directory, root)
+    parts = [] if relative == '.' else relative.split(os.sep)
+    at_top = not parts
+    # Prune in place so os.walk never enters site-packages (often gigabytes) or the tests.
+    subdirectories[:] = sorted(
+        d for d in subdirectories
+        if d not in _EXCLUDED_DIRS
+        and not (at_top and (d in _EXCLUDED_TOP_DIRS or (packages and d not in packages))))
+    for filename in filenames:
+      if filename.endswith('.py') and not (at_top and packages and filename[:-3] not in packages):
+        paths.append('/'.join(parts + [filename]))
   return sorted(paths)
 
 
@@ -256,9 +264,11 @@ class TextFiles(_LocalBuilder):
     stats = _FileStats()
     keys = [key for key, _ in self._documents(stats)]
     stats.record(self.info.metadata, 'text_files')
-    if not keys:
+    if len(keys) < 2:
       raise ValueError(f'the files of config.data.text_glob ({self.builder_config.description}) '
-                       'hold no text')
+                       f'hold {"no text" if not keys else "only one document"}; a train and a '
+                       'validation split need at least two (add files, or text of over '
+                       f'{TXT_DOCUMENT_CHARS} characters)')
     validation = validation_keys(keys)
     return {'train': self._generate_examples(validation, False),
             'validation': self._generate_examples(validation, True)}

@@ -9,13 +9,13 @@ shuffled order), so a batch mixes B documents. A background thread (or grain wor
 
 The iterator's `get_state()` is a JSON-serialisable dict (ints, lists, dicts); `set_state()`
 restores it and the identical batch sequence follows. The state does not depend on the number
-of devices, only on the local batch size (global_batch_size / process_count), seq_len, packing
-and the seeds.
+of devices, only on the local batch size (global_batch_size / process_count), seq_len, packing,
+the seeds and num_workers (with worker processes it holds one state per worker).
 
-Evaluation: every process reads the validation split in its stored order (the same on every
-process), packs whole documents into global batches and keeps its rows of each; the texts
-returned are exactly the documents whose tokens (after BOS, up to and including EOS) the
-batches score, identical on every process.
+Evaluation: every process reads the validation split in its stored order, packs whole
+documents into global batches and keeps its rows of each, so all processes run the same number
+of evaluation steps. The texts returned are exactly the documents whose tokens (after BOS, up
+to and including EOS) the batches score, the same list on every process.
 """
 
 import math
@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 
 from absl import flags
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import grain
 import jax
@@ -67,7 +68,7 @@ def _training_texts(data_config, num_bytes: int) -> Iterator[str]:
   for index in range(len(source)):
     if total >= num_bytes:
       break
-    text = sources.document_text(source[index], data_config.text_feature)
+    text = sources.document_text(source[index], sources.text_feature(data_config))
     total += len(text.encode('utf-8'))
     yield text
 
@@ -93,8 +94,8 @@ def get_tokenizer(data_config, workdir: str, model_vocab_size: int) -> tokenizer
   if kind == 'train_spm':
     if not data_config.tokenizer_path and not workdir:
       raise ValueError('tokenizer=train_spm needs a workdir or config.data.tokenizer_path')
-    path = data_config.tokenizer_path or os.path.join(workdir, TOKENIZER_FILENAME)
-    if os.path.exists(path):
+    path = data_config.tokenizer_path or os.fspath(epath.Path(workdir) / TOKENIZER_FILENAME)
+    if epath.Path(path).exists():
       tokenizer = tokenizer_lib.load_tokenizer(path, 'sentencepiece')
     else:
       logging.info('Training a %d-piece SentencePiece model on %d bytes of %s text',
@@ -146,7 +147,8 @@ def make_train_iterator(data_config, tokenizer: tokenizer_lib.Tokenizer, *, seed
     raise ValueError(f'process {process_index} of {process_count} has no training documents: '
                      f'split {data_config.train_split!r} has {len(source)}')
   documents = documents.shuffle(seed=_shuffle_seed(seed, data_config.shuffle_seed))
-  documents = documents.repeat(None).map(_Tokenize(tokenizer, data_config.text_feature))
+  tokenize = _Tokenize(tokenizer, sources.text_feature(data_config))
+  documents = documents.repeat(None).map(tokenize)
   # Reading and tokenising run in the prefetch thread or worker processes, not in threads of
   # their own: the work holds the GIL, so more threads would only add switching.
   streams = [documents[row::local_batch].to_iter_dataset(grain.ReadOptions(num_threads=0))
@@ -173,7 +175,7 @@ def _eval_documents(data_config, tokenizer, capacity_rows: Optional[int]):
   texts, documents, skipped, skipped_in_a_row = [], [], 0, 0
   total_tokens = used_rows = 0
   for index in range(len(source)):
-    text = sources.document_text(source[index], data_config.text_feature)
+    text = sources.document_text(source[index], sources.text_feature(data_config))
     tokens = tokenize_document(tokenizer, text)
     if packing:
       rows = packing_lib.rows_needed([total_tokens + len(tokens)], seq_len, True)

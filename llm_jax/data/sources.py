@@ -62,6 +62,11 @@ def open_split(data_config, split: str, stdlib_packages: Sequence[str] = ()) -> 
   return builder.as_data_source(split=split)
 
 
+def text_feature(data_config) -> str:
+  """The feature holding the text: config.data.text_feature for TFDS, 'text' for ours."""
+  return data_config.text_feature if data_config.dataset == 'tfds' else 'text'
+
+
 def document_text(example: Any, feature: str) -> str:
   """The text of one example: `example[feature]`, decoded from UTF-8 if stored as bytes."""
   try:

@@ -3,14 +3,17 @@ and training a SentencePiece BPE model on a corpus.
 
 Every tokenizer has `encode(str) -> list[int]`, `decode(list[int]) -> str` and the attributes
 `bos_id`, `eos_id`, `pad_id`, `vocab_size`. `encode` adds no special tokens: the input pipeline
-adds BOS/EOS itself. Tokenizers pickle (grain worker processes receive a copy).
+adds BOS/EOS itself. Tokenizers pickle (grain worker processes receive a copy). Paths may be
+anything etils.epath opens (local, or gs:// where a GCS backend is installed).
 """
 
+import collections
 import json
 import os
 from typing import Iterable, Iterator, Optional, Protocol, Sequence
 
 from absl import logging
+from etils import epath
 import numpy as np
 import sentencepiece as spm
 import tokenizers
@@ -18,6 +21,8 @@ import tokenizers
 # A SentencePiece training "sentence" is a chunk of whole lines of about this many characters:
 # long enough that pieces can span a newline (':\n', '\n\n'), short enough for the trainer.
 _SPM_CHUNK_CHARS = 2048
+_SPM_CHARACTER_COVERAGE = 0.9995  # rarer characters are spelled in UTF-8 bytes
+_SPM_RESERVED_PIECES = 260  # 256 byte pieces, pad, bos, eos, unk
 # Special token names looked up in a tokenizer.json when no tokenizer_config.json says which
 # tokens are BOS/EOS/PAD (Llama 3, Llama 2 HF, GPT-2 style, Gemma style).
 _BOS_NAMES = ('<|begin_of_text|>', '<s>', '<bos>', '<|startoftext|>')
@@ -61,8 +66,7 @@ class SentencePieceTokenizer:
 
   @classmethod
   def from_file(cls, path: str) -> 'SentencePieceTokenizer':
-    with open(path, 'rb') as f:
-      return cls(f.read(), path)
+    return cls(epath.Path(path).read_bytes(), path)
 
   @property
   def model_proto(self) -> bytes:
@@ -105,13 +109,14 @@ class HuggingFaceTokenizer:
     BOS/EOS/PAD come from a tokenizer_config.json next to it when present, else from the
     well-known special token names; PAD falls back to EOS.
     """
-    if os.path.isdir(path):
-      path = os.path.join(path, 'tokenizer.json')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'tokenizer file {path} does not exist')
-    tokenizer = tokenizers.Tokenizer.from_file(path)
-    named = _special_tokens_from_config(os.path.join(os.path.dirname(path),
-                                                    'tokenizer_config.json'))
+    file = epath.Path(path)
+    if file.is_dir():
+      file = file / 'tokenizer.json'
+    if not file.exists():
+      raise FileNotFoundError(f'tokenizer file {file} does not exist')
+    path = os.fspath(file)
+    tokenizer = tokenizers.Tokenizer.from_str(file.read_text())
+    named = _special_tokens_from_config(file.parent / 'tokenizer_config.json')
     ids = {}
     for role, names in (('bos', _BOS_NAMES), ('eos', _EOS_NAMES), ('pad', _PAD_NAMES)):
       candidates = (named[role],) if named.get(role) else names
@@ -137,11 +142,10 @@ class HuggingFaceTokenizer:
     return f'HuggingFaceTokenizer({self.path!r}, vocab_size={self.vocab_size})'
 
 
-def _special_tokens_from_config(config_path: str) -> dict:
-  if not os.path.exists(config_path):
+def _special_tokens_from_config(config_path: epath.Path) -> dict:
+  if not config_path.exists():
     return {}
-  with open(config_path, encoding='utf-8') as f:
-    config = json.load(f)
+  config = json.loads(config_path.read_text())
   result = {}
   for role in ('bos', 'eos', 'pad'):
     value = config.get(f'{role}_token')
@@ -162,9 +166,10 @@ def load_tokenizer(path: str, kind: str = 'auto') -> Tokenizer:
   if not path:
     raise ValueError('tokenizer path is empty; set config.data.tokenizer_path')
   if kind == 'auto':
-    kind = 'huggingface' if os.path.isdir(path) or path.endswith('.json') else 'sentencepiece'
+    kind = ('huggingface' if path.endswith('.json') or epath.Path(path).is_dir()
+            else 'sentencepiece')
   if kind == 'sentencepiece':
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       raise FileNotFoundError(f'SentencePiece model {path} does not exist')
     return SentencePieceTokenizer.from_file(path)
   if kind == 'huggingface':
@@ -219,11 +224,16 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: Optional[st
   Returns:
     The trained tokenizer.
   """
+  if vocab_size <= _SPM_RESERVED_PIECES:
+    raise ValueError(f'a byte-fallback SentencePiece vocabulary needs more than '
+                     f'{_SPM_RESERVED_PIECES} pieces (256 bytes + 4 special); got {vocab_size}')
+  sentences = list(_sentences(texts))
   writer = _BytesWriter()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sentences(texts), model_writer=writer, vocab_size=vocab_size,
-        model_type='bpe', byte_fallback=True, character_coverage=0.9995,
+        sentence_iterator=iter(sentences), model_writer=writer, vocab_size=vocab_size,
+        model_type='bpe', byte_fallback=True,
+        character_coverage=_character_coverage(sentences, vocab_size),
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, input_sentence_size=0,
@@ -235,13 +245,33 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: Optional[st
                      f'characters, and the text must allow enough merges): {e}') from e
   tokenizer = SentencePieceTokenizer(writer.data, path or '<in memory>')
   if path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f'{path}.tmp{os.getpid()}'
-    with open(temporary, 'wb') as f:
-      f.write(writer.data)
-    os.replace(temporary, path)
+    file = epath.Path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = file.parent / f'{file.name}.tmp{os.getpid()}'
+    temporary.write_bytes(writer.data)
+    temporary.replace(file)  # readers never see a partly written model
     logging.info('Trained a SentencePiece model with %d pieces: %s', vocab_size, path)
   return tokenizer
+
+
+def _character_coverage(sentences: Sequence[str], vocab_size: int) -> float:
+  """The coverage that gives the characters at most half of the learned (non-byte) pieces.
+
+  SentencePiece makes a piece of each of the most frequent characters up to this fraction of
+  all characters; the rest are spelled in bytes. A small vocabulary (a test's 320) would
+  otherwise be filled by characters alone and fail to train.
+  """
+  counts = collections.Counter()
+  for sentence in sentences:
+    counts.update(sentence)
+  most_characters = max(1, (vocab_size - _SPM_RESERVED_PIECES) // 2)
+  if len(counts) <= most_characters:
+    return _SPM_CHARACTER_COVERAGE
+  frequencies = sorted(counts.values(), reverse=True)
+  covered = sum(frequencies[:most_characters]) / sum(frequencies)
+  # SentencePiece stops adding characters once the coverage reached is >= the target; the
+  # margin keeps float rounding from admitting one more.
+  return min(_SPM_CHARACTER_COVERAGE, covered - 1e-6)
 
 
 class _BytesWriter:

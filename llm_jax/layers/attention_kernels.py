@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from llm_jax import sharding
 
@@ -56,16 +56,40 @@ def xla_attention(q, k, v, q_index, kv_index, q_segment_ids=None, kv_segment_ids
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def _head_specs(q, k):
+  """(mesh, q spec, k/v spec) under the active mesh and logical-axis rules, or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  rules = nn.get_logical_axis_rules()
+  q_spec = sharding.logical_to_spec(('act_batch', None, 'act_heads', None), q.shape, mesh, rules)
+  kv_spec = sharding.logical_to_spec(('act_batch', None, 'act_kv_heads', None), k.shape, mesh,
+                                     rules)
+  return mesh, q_spec, kv_spec
+
+
+def _repeat_kv_heads(q, k, v):
+  """Repeats k/v [B, S, K, H] to N heads, keeping each query head's group."""
+  group = q.shape[2] // k.shape[2]
+  return jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+
+
 def cudnn_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None,
                     implementation: str = 'cudnn'):
   """cuDNN flash attention via `jax.nn.dot_product_attention`; causal, segments as a mask.
 
+  cuDNN's partitioner needs q, k and v sharded alike, so key/value heads that the tensor axis
+  cannot split (while it splits the query heads) are repeated to N heads first.
   `implementation='xla'` runs the very same call through XLA, which is how the CPU tests check
   the arguments this function builds.
   """
   if implementation == 'cudnn' and q.dtype not in (jnp.bfloat16, jnp.float16):
     raise ValueError(f"attention_kernel='cudnn' needs dtype bfloat16 or float16 activations, "
                      f'got {q.dtype}; set the model dtype or use attention_kernel=\'xla\'')
+  specs = _head_specs(q, k)
+  if specs is not None and specs[1][2] != specs[2][2]:
+    k, v = _repeat_kv_heads(q, k, v)
+    k, v = (jax.lax.with_sharding_constraint(x, NamedSharding(specs[0], specs[1])) for x in (k, v))
   mask = None
   if q_segment_ids is not None:
     mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]  # [B, 1, T, S]
@@ -117,16 +141,12 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, interpret
   def local(q, k, v, *segments):
     return _splash_local(q, k, v, *(segments or (None, None)), interpret=interpret)
 
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  specs = _head_specs(q, k)
+  if specs is None:
     return local(q, k, v, *segments)
-  rules = nn.get_logical_axis_rules()
-  q_spec = sharding.logical_to_spec(('act_batch', None, 'act_heads', None), q.shape, mesh, rules)
-  kv_spec = sharding.logical_to_spec(('act_batch', None, 'act_kv_heads', None), k.shape, mesh,
-                                     rules)
+  mesh, q_spec, kv_spec = specs
   if kv_spec[2] != q_spec[2]:
-    group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    k, v = _repeat_kv_heads(q, k, v)
     kv_spec = q_spec
   segment_specs = (PartitionSpec(q_spec[0], None),) * len(segments)
   sharded = jax.shard_map(local, mesh=mesh, out_specs=q_spec, check_vma=False,
