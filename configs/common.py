@@ -45,7 +45,9 @@ def pretraining_config(preset: str, *, seq_len: int, global_batch_size: int, num
                                remat_policy='dots_with_no_batch_dims_saveable')
   config.data.dataset = 'tfds'
   config.data.tfds_name = 'c4/en:3.0.1'
-  config.data.tfds_data_dir = 'gs://tensorflow-datasets/datasets'
+  # C4 prepared once in ArrayRecord format (`tfds build c4/en --file_format=array_record
+  # --data_dir=...`); a gs:// directory also needs gcsfs installed on the hosts.
+  config.data.tfds_data_dir = ''
   config.data.eval_split = 'validation'
   config.data.seq_len = seq_len
   config.data.global_batch_size = global_batch_size

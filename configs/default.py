@@ -20,7 +20,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.data.dataset = 'stdlib'  # stdlib | text_files | tfds
   config.data.tfds_name = ''  # for dataset=tfds, e.g. 'lm1b' or 'c4/en:3.0.1'
   config.data.tfds_data_dir = ''  # '' = TFDS default
-  config.data.text_feature = 'text'
+  config.data.text_feature = 'text'  # for dataset=tfds: the feature holding the text
   config.data.text_glob = ''  # for dataset=text_files: local .txt / .jsonl files
   config.data.jsonl_field = 'text'
   config.data.train_split = 'train'

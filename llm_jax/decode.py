@@ -309,37 +309,24 @@ def _input_shardings(config, layout: _Layout, bucket: _Bucket) -> tuple:
           (layout.replicated,) * 4)
 
 
-def _output_shardings(layout: _Layout, bucket: _Bucket, num_rows_outputs: int) -> tuple:
-  rows = layout.sharding(('act_batch',), (bucket.batch,))
-  return (layout.sharding(('act_batch', None), (bucket.batch, bucket.max_new)),) + (
-      (rows,) * num_rows_outputs)
-
-
-@functools.lru_cache(maxsize=32)
-def _run_program(config, spec, layout: _Layout, bucket: _Bucket):
-  """inputs -> (tokens [B, M], num_new [B]): prefill and the whole loop in one program."""
-  start = functools.partial(_start, config, spec, layout, bucket)
-
-  def run(params, *inputs):
-    state = _continue(config, spec, layout, params, start(params, *inputs), inputs[-1])
-    return state.tokens, state.num_new
-
-  return jax.jit(run, in_shardings=_input_shardings(config, layout, bucket),
-                 out_shardings=_output_shardings(layout, bucket, 1))
-
-
 @functools.lru_cache(maxsize=32)
 def _beam_program(config, spec, layout: _Layout, bucket: _Bucket, num_beams: int,
                   early_stopping):
   """inputs -> (tokens [B, M], lengths [B], scores [B]) of the best beam of each prompt."""
   run = functools.partial(_run_beams, config, spec, layout, bucket, num_beams, early_stopping)
+  rows = layout.sharding(('act_batch',), (bucket.batch,))
+  tokens = layout.sharding(('act_batch', None), (bucket.batch, bucket.max_new))
   return jax.jit(run, in_shardings=_input_shardings(config, layout, bucket),
-                 out_shardings=_output_shardings(layout, bucket, 2))
+                 out_shardings=(tokens, rows, rows))
 
 
 @functools.lru_cache(maxsize=32)
-def _stream_programs(config, spec, layout: _Layout, bucket: _Bucket):
-  """(start, resume): inputs -> DecodeState, and (params, state, until) -> DecodeState."""
+def _sampling_programs(config, spec, layout: _Layout, bucket: _Bucket):
+  """(start, resume) of one bucket, shared by `generate` and `stream`.
+
+  start: inputs -> DecodeState, prefill and first token; resume: (params, state, until) ->
+  DecodeState, the loop up to `until` tokens, updating the donated state in place.
+  """
   start = functools.partial(_start, config, spec, layout, bucket)
   rows = jax.ShapeDtypeStruct((bucket.batch,), jnp.int32)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -471,13 +458,17 @@ def _plan(config, prompts, options: GenerationOptions, stop_ids: tuple, cache_dt
   return _Job(layout, bucket, options.spec, inputs, len(prompts), stop_ids)
 
 
+@functools.lru_cache(maxsize=8)
+def _param_shapes(config: model_lib.ModelConfig) -> dict:
+  return {jax.tree_util.keystr(path): leaf.shape for path, leaf in
+          jax.tree_util.tree_flatten_with_path(
+              _strip_boxes(model_lib.abstract_params(config)))[0]}
+
+
 def _place_params(config: model_lib.ModelConfig, params, layout: _Layout):
   """Puts the parameters on the mesh (a no-op when they already are) after checking them."""
   params = _strip_boxes(flax.core.unfreeze(params))
-  target = _param_shardings(config, layout)
-  expected = {jax.tree_util.keystr(p): x.shape for p, x in
-              jax.tree_util.tree_flatten_with_path(
-                  _strip_boxes(model_lib.abstract_params(config)))[0]}
+  expected = _param_shapes(config)
   given = {jax.tree_util.keystr(p): np.shape(x)
            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   if given.keys() != expected.keys():
@@ -489,7 +480,7 @@ def _place_params(config: model_lib.ModelConfig, params, layout: _Layout):
     if tuple(shape) != tuple(expected[path]):
       raise ValueError(f'parameter {path} has shape {tuple(shape)}; the model config expects '
                        f'{tuple(expected[path])}')
-  return jax.device_put(params, target)
+  return jax.device_put(params, _param_shardings(config, layout))
 
 
 def _encode(prompts, tokenizer):
@@ -552,8 +543,9 @@ def generate(config: model_lib.ModelConfig, params, prompts: Sequence, *, max_ne
                               early_stopping)
       tokens, lengths, _ = program(params, *job.inputs)
     else:
-      tokens, lengths = _run_program(config, job.spec, job.layout, job.bucket)(
-          params, *job.inputs)
+      start, resume = _sampling_programs(config, job.spec, job.layout, job.bucket)
+      state = resume(params, start(params, *job.inputs), job.inputs[-1])
+      tokens, lengths = state.tokens, state.num_new
   tokens, lengths = jax.device_get((tokens, lengths))
   outputs = [tokens[i, :lengths[i]].tolist() for i in range(job.num_prompts)]
   if tokenizer is None:
@@ -582,7 +574,7 @@ def stream(config: model_lib.ModelConfig, params, prompts: Sequence, *, max_new_
               cache_dtype, mesh, rules)
   with sharding.activate(job.layout.mesh, job.layout.rules):
     params = _place_params(config, params, job.layout)
-    start, resume = _stream_programs(config, job.spec, job.layout, job.bucket)
+    start, resume = _sampling_programs(config, job.spec, job.layout, job.bucket)
     state = start(params, *job.inputs)
   emitted = np.zeros((job.num_prompts,), np.int64)
   while True:

@@ -113,6 +113,13 @@ def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -
   return [{'prompt': p, 'continuation': t} for p, t in zip(prompts, texts)]
 
 
+def _close(iterator):
+  """Stops the input pipeline's background workers, if it has any."""
+  close = getattr(iterator, 'close', None)
+  if close is not None:
+    close()
+
+
 def _check_finite(history, step_offset):
   """Raises naming the first step whose loss or gradient was not finite."""
   for i, finite in enumerate(history):
@@ -199,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if preemption.requested:
       logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
       writer.close()
+      _close(train_iter)
       return {'step': step, 'preempted': True}
     if eval_result is None:
       eval_result = evaluate(eval_step, state.params, eval_batches, mesh, rules, eval_bytes)
@@ -216,4 +224,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     metrics_lib.write_summary(workdir, summary)
   writer.close()
   manager.close()
+  _close(train_iter)
   return summary

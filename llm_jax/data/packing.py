@@ -109,8 +109,9 @@ class RowPacker:
     if self._packing:
       while self._available() < seq_len + 1 and self._fetch():
         pass
-    elif not self._pending:
-      self._fetch()
+    else:
+      while not self._pending and self._fetch():
+        pass
     if self._available() < 2:
       raise StopIteration
     if not self._packing:

@@ -255,7 +255,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: Optional[st
 
 
 def _character_coverage(sentences: Sequence[str], vocab_size: int) -> float:
-  """The coverage that gives the characters at most half of the learned (non-byte) pieces.
+  """A coverage that leaves characters at most half of the learned (non-byte) pieces.
 
   SentencePiece makes a piece of each of the most frequent characters up to this fraction of
   all characters; the rest are spelled in bytes. A small vocabulary (a test's 320) would
@@ -269,9 +269,9 @@ def _character_coverage(sentences: Sequence[str], vocab_size: int) -> float:
     return _SPM_CHARACTER_COVERAGE
   frequencies = sorted(counts.values(), reverse=True)
   covered = sum(frequencies[:most_characters]) / sum(frequencies)
-  # SentencePiece stops adding characters once the coverage reached is >= the target; the
-  # margin keeps float rounding from admitting one more.
-  return min(_SPM_CHARACTER_COVERAGE, covered - 1e-6)
+  # SentencePiece stops adding characters once the coverage reached is >= the target (the
+  # margin keeps float rounding from admitting one more) and accepts no target below 0.98.
+  return min(_SPM_CHARACTER_COVERAGE, max(0.98, covered - 1e-6))
 
 
 class _BytesWriter:
