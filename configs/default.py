@@ -50,17 +50,17 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   config.optim.grad_accum_steps = 1
 
   config.train = ml_collections.ConfigDict()
-  config.train.num_steps = 600
+  config.train.num_steps = 300
   config.train.log_every = 25
   config.train.nonfinite = 'skip'  # skip | stop: what a NaN/Inf loss or gradient does
   config.train.init_from = ''  # Orbax checkpoint dir (e.g. from llm_jax.convert) to fine-tune
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.every_steps = 200
+  config.eval.every_steps = 100
   config.eval.num_batches = 16  # 0 = the whole validation split
 
   config.checkpoint = ml_collections.ConfigDict()
-  config.checkpoint.every_steps = 200
+  config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
   config.checkpoint.async_save = True
 

@@ -16,6 +16,7 @@ v4/v5p the number counts TensorCores, two per chip), or 'local' for this host's 
 
 import dataclasses
 import functools
+import os
 import re
 import sys
 import time
@@ -27,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app
 from absl import flags
-from jax.sharding import NamedSharding, PartitionSpec
 
+from llm_jax import decode
 from llm_jax import flops
 from llm_jax import memory
 from llm_jax import model as model_lib
@@ -67,11 +68,15 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
   if name == 'local':
     return jax.devices()
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  # libtpu locks /tmp/libtpu_lockfile so that one process owns the chips; compiling touches no
+  # chip, so several compiling processes (parallel tests, sweeps) may share it.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     topology = topologies.get_topology_desc(topology_name(name), 'tpu', num_slices=num_slices)
   except RuntimeError as error:
-    raise RuntimeError(f'cannot build TPU topology {name!r}: {error}. Install libtpu: '
-                       "pip install 'libtpu==0.0.42.*'") from error
+    hint = (" Install libtpu: pip install 'libtpu==0.0.42.*'" if 'not installed' in str(error)
+            else '')
+    raise RuntimeError(f'cannot build TPU topology {name!r}: {error}{hint}') from error
   return list(topology.devices)
 
 
@@ -149,32 +154,24 @@ def lower_train_step(config: ml_collections.ConfigDict, model_config: model_lib.
     return step.lower(_with_shardings(abstract_state, state_shardings), batch)
 
 
-def decode_step(params, cache, tokens, positions, *, model_config):
-  """One new token per sequence: logits [B, 1, V] and the cache with its key/value written."""
-  return model_lib.Transformer(model_config).apply({'params': params}, tokens,
-                                                   positions=positions, cache=cache)
-
-
 def lower_decode_step(model_config: model_lib.ModelConfig, mesh, rules, batch_size: int,
                       cache_len: int):
-  """The lowered one-token decode step with a [L, B, cache_len, K, H] cache (donated)."""
+  """llm_jax.decode's one-token step with a [L, B, cache_len, K, H] cache (donated), lowered."""
   abstract_params = model_lib.abstract_params(model_config)
   param_shardings = sharding.tree_shardings(abstract_params, mesh, rules)
   cache = jax.eval_shape(lambda: model_lib.init_cache(model_config, batch_size, cache_len))
   cache_sharding = sharding.logical_sharding(model_lib.CACHE_AXES, cache['k'].shape, mesh, rules)
   cache = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cache_sharding)
            for k, v in cache.items()}
-  token_sharding = sharding.logical_sharding(('act_batch', 'act_seq'), (batch_size, 1), mesh,
-                                             rules)
-  token = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32, sharding=token_sharding)
-  logits_sharding = sharding.logical_sharding(('act_batch', 'act_seq', 'act_vocab'),
-                                              (batch_size, 1, model_config.vocab_size), mesh,
-                                              rules)
-  step = jax.jit(functools.partial(decode_step, model_config=model_config),
+  token_sharding = sharding.logical_sharding(('act_batch',), (batch_size,), mesh, rules)
+  token = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=token_sharding)
+  logits_sharding = sharding.logical_sharding(('act_batch', 'act_vocab'),
+                                              (batch_size, model_config.vocab_size), mesh, rules)
+  step = jax.jit(functools.partial(decode.decode_step, model_config),
                  out_shardings=(logits_sharding, {'k': cache_sharding, 'v': cache_sharding}),
-                 donate_argnums=1)
+                 donate_argnums=3)
   with sharding.activate(mesh, rules):
-    return step.lower(_with_shardings(abstract_params, param_shardings), cache, token, token)
+    return step.lower(_with_shardings(abstract_params, param_shardings), token, token, cache)
 
 
 def compile_steps(config: ml_collections.ConfigDict, devices, decode_batch_size: int = 0,
@@ -243,6 +240,12 @@ def main(argv, flag_values: dict) -> None:
         f'({num_params / 1e9:.2f}B params, {model_config.dtype}, remat '
         f'{model_config.remat_policy}, attention {model_config.attention_kernel}); batch '
         f'{config.data.global_batch_size} x {config.data.seq_len}', flush=True)
+  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, config.mesh.num_slices,
+                              devices=devices)
+  batch_shape = (config.data.global_batch_size, config.data.seq_len)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  print(memory.estimate_memory_per_device(model_config, mesh, rules, batch_shape,
+                                          accum_steps=config.optim.grad_accum_steps), flush=True)
   reports = compile_steps(config, devices, flag_values['decode_batch_size'].value,
                           flag_values['decode_cache_len'].value,
                           tuple(flag_values['steps'].value))

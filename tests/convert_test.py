@@ -315,6 +315,36 @@ def test_bfloat16_cast_on_load_is_close_to_float32(tmp_path, gqa_checkpoint):
   assert np.abs(logits - expected).max() > 0  # Really computed in bfloat16.
 
 
+def test_bfloat16_checkpoint_casts_to_float16(tmp_path, gqa_checkpoint):
+  _, source = gqa_checkpoint
+  tensors = {name: value.astype(ml_dtypes.bfloat16)
+             for name, value in read_directory(source).items()}
+  # Older conversions keep a rotary buffer, often in another dtype; it is ignored.
+  tensors['model.layers.0.self_attn.rotary_emb.inv_freq'] = np.ones(8, np.float32)
+  safetensors_numpy.save_file(tensors, str(tmp_path / 'model.safetensors'))
+  with open(os.path.join(source, 'config.json')) as f, open(tmp_path / 'config.json', 'w') as g:
+    g.write(f.read())
+  assert load_hf(str(tmp_path))[0].param_dtype == 'bfloat16'
+  config, params = load_hf(str(tmp_path), param_dtype='float16')
+  assert config.param_dtype == 'float16'
+  up = tensors['model.layers.1.mlp.up_proj.weight']
+  np.testing.assert_array_equal(params['layers']['mlp']['up_proj'][1], up.astype(np.float16).T)
+
+
+def test_safetensors_scalar_is_read(tmp_path):
+  path = str(tmp_path / 'scalar.safetensors')
+  safetensors_numpy.save_file({'s': np.array(3.5, np.float32)}, path)
+  assert float(safetensors_io.read_header(path)['s'].read()) == 3.5
+
+
+def test_orbax_to_hf_names_a_missing_checkpoint(tmp_path):
+  from llm_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    cli.orbax_to_hf(str(tmp_path / 'absent'), str(tmp_path / 'out'))
+  with pytest.raises(FileNotFoundError, match='no complete checkpoint'):
+    cli.orbax_to_hf(str(tmp_path), str(tmp_path / 'out'))
+
+
 def test_convert_cli_round_trip(tmp_path, gqa_checkpoint):
   _, source = gqa_checkpoint
   orbax_dir, back = str(tmp_path / 'orbax'), str(tmp_path / 'back')
@@ -323,8 +353,9 @@ def test_convert_cli_round_trip(tmp_path, gqa_checkpoint):
   for args in (['hf-to-orbax', f'--hf_dir={source}', f'--out={orbax_dir}'],
                ['orbax-to-hf', f'--checkpoint={orbax_dir}', f'--out={back}',
                 f'--base_hf_dir={source}']):
-    subprocess.run([sys.executable, '-m', 'llm_jax.convert'] + args, check=True, env=env,
-                   capture_output=True)
+    result = subprocess.run([sys.executable, '-m', 'llm_jax.convert'] + args, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
   assert_same_tensors(back, source)
   with open(os.path.join(back, 'config.json')) as f:
     assert json.load(f)['eos_token_id'] == 2

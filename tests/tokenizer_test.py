@@ -117,6 +117,13 @@ def test_huggingface_tokenizer_without_known_bos_is_an_error(tmp_path):
     tokenizer_lib.load_tokenizer(str(path))
 
 
+def test_tokenizer_config_naming_an_unknown_token_is_an_error(tmp_path):
+  path = _hf_tokenizer_file(tmp_path)
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'bos_token': '<s>'}))
+  with pytest.raises(ValueError, match="bos_token '<s>' of its tokenizer_config.json"):
+    tokenizer_lib.load_tokenizer(str(path))
+
+
 def test_missing_tokenizer_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='nothing.model'):
     tokenizer_lib.load_tokenizer(str(tmp_path / 'nothing.model'))

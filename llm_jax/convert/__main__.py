@@ -67,13 +67,20 @@ def _base_fields(base_hf_dir: str, vocab_size: int) -> dict:
 
 def _host_shardings(checkpoint_dir: str, step: Optional[int]):
   """Places every restored parameter in host memory: one accelerator could not hold a 70B."""
-  manager = checkpoint.create_manager(checkpoint.checkpoint_dir(checkpoint_dir), read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step not in manager.all_steps():
-    raise FileNotFoundError(f'no complete checkpoint for step {step} in {checkpoint_dir!r}; '
-                            f'available: {manager.all_steps()}')
-  config = checkpoint.read_model_config(manager, step)
-  manager.close()
+  root = checkpoint.checkpoint_dir(checkpoint_dir)
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f'checkpoint directory {root!r} does not exist')
+  manager = checkpoint.create_manager(root, read_only=True)
+  try:
+    if not manager.all_steps():
+      raise FileNotFoundError(f'no complete checkpoint in {root!r}')
+    step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'no complete checkpoint for step {step} in {root!r}; '
+                              f'available: {manager.all_steps()}')
+    config = checkpoint.read_model_config(manager, step)
+  finally:
+    manager.close()
   host = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   return jax.tree.map(lambda _: host, model_lib.unbox(model_lib.abstract_params(config)))
 

@@ -221,10 +221,11 @@ def _copy_into(out: np.ndarray, spec: _Tensor, info: safetensors_io.TensorInfo) 
     raise ValueError(f'tensor {spec.hf_name!r} in {info.filename} has shape {list(info.shape)}, '
                      f'expected {list(spec.hf_shape)} from {CONFIG_FILE}')
   source = info.read()
+  # Every supported dtype is floating point; numpy's 'same_kind' would refuse bfloat16 -> float16.
   if spec.transpose:
-    np.copyto(out.reshape(spec.hf_shape[::-1]), source.T, casting='same_kind')
+    np.copyto(out.reshape(spec.hf_shape[::-1]), source.T, casting='unsafe')
   else:
-    np.copyto(out, source, casting='same_kind')
+    np.copyto(out, source, casting='unsafe')
   del source
 
 
@@ -245,9 +246,12 @@ def _check_names(cfg: ModelConfig, tensors: Mapping[str, safetensors_io.TensorIn
 
 
 def _stored_dtype(tensors: Mapping[str, safetensors_io.TensorInfo]) -> np.dtype:
-  dtypes = {info.dtype for info in tensors.values()}
+  """The one dtype of the weights; ignored buffers (rotary inv_freq) may differ."""
+  weights = {name: info for name, info in tensors.items()
+             if not name.endswith(_IGNORED_SUFFIXES)}
+  dtypes = {info.dtype for info in weights.values()}
   if len(dtypes) > 1:
-    examples = {info.dtype.name: name for name, info in tensors.items()}
+    examples = {info.dtype.name: name for name, info in weights.items()}
     raise ValueError(f'tensors have mixed dtypes (e.g. {examples}); pass param_dtype= to cast '
                      'them all to one')
   return dtypes.pop()

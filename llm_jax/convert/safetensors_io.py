@@ -40,7 +40,7 @@ class TensorInfo:
 
   def read(self) -> np.ndarray:
     """Read-only memory map of the tensor; pages are read only when copied."""
-    if not self.shape or math.prod(self.shape) == 0:
+    if math.prod(self.shape) == 0:  # np.memmap cannot map zero bytes; a scalar () has one
       return np.zeros(self.shape, self.dtype)
     return np.memmap(self.filename, dtype=self.dtype, mode='r', offset=self.offset,
                      shape=self.shape)

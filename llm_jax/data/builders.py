@@ -91,6 +91,7 @@ def _features() -> tfds.features.FeaturesDict:
 
 
 def stdlib_root() -> str:
+  """The running interpreter's standard-library directory."""
   return sysconfig.get_paths()['stdlib']
 
 
@@ -179,6 +180,7 @@ def resolve_text_files(pattern: str) -> list[str]:
 
 @dataclasses.dataclass
 class TextFilesConfig(tfds.core.BuilderConfig):
+  """`files`: absolute paths of the .txt/.jsonl files; `jsonl_field`: the text of a record."""
   files: tuple[str, ...] = ()
   jsonl_field: str = 'text'
 

@@ -55,6 +55,7 @@ def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
 
 
 def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  """Rows (dicts of [seq_len] arrays) -> one dict of [rows, seq_len] arrays."""
   return {key: np.stack([row[key] for row in rows]) for key in ROW_KEYS}
 
 

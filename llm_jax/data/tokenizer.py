@@ -66,10 +66,12 @@ class SentencePieceTokenizer:
 
   @classmethod
   def from_file(cls, path: str) -> 'SentencePieceTokenizer':
+    """Loads a `.model` file from any path etils.epath opens."""
     return cls(epath.Path(path).read_bytes(), path)
 
   @property
   def model_proto(self) -> bytes:
+    """The serialised model, as written to `tokenizer.model`."""
     return self._model_proto
 
   def encode(self, text: str) -> list[int]:
@@ -123,6 +125,9 @@ class HuggingFaceTokenizer:
       ids[role] = next((tokenizer.token_to_id(n) for n in candidates
                         if tokenizer.token_to_id(n) is not None), None)
     for role in ('bos', 'eos'):
+      if ids[role] is None and named.get(role):
+        raise ValueError(f'tokenizer {path}: the {role}_token {named[role]!r} of its '
+                         'tokenizer_config.json is not in its vocabulary')
       if ids[role] is None:
         raise ValueError(f'tokenizer {path}: cannot tell its {role.upper()} token; add a '
                          f'tokenizer_config.json with "{role}_token" next to it')
