@@ -6,6 +6,15 @@ from llm_jax import model as model_lib
 from llm_jax import sharding
 
 
+def _parse_value(key, value: str, default):
+  """Converts a string to the type of the default ('false' is False, not bool('false'))."""
+  if isinstance(default, bool):
+    if value.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'config argument {key}={value!r} is not a boolean')
+    return value.lower() in ('true', '1')
+  return type(default)(value) if default is not None else value
+
+
 def parse_arg(arg, **defaults):
   """Parses 'key=value,key2=value2' (or a bare preset name) into a ConfigDict of defaults."""
   result = ml_collections.ConfigDict(defaults)
@@ -15,7 +24,7 @@ def parse_arg(arg, **defaults):
       key, value = 'preset', key
     if key not in result:
       raise ValueError(f'unknown config argument {key!r}; expected one of {sorted(result)}')
-    result[key] = type(result[key])(value) if result[key] is not None else value
+    result[key] = _parse_value(key, value, result[key])
   return result
 
 
@@ -27,6 +36,7 @@ def model_section(preset: str, **overrides) -> ml_collections.ConfigDict:
 
 
 def mesh_section(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
+  """The `mesh` section: axis names, their sizes and the logical-axis rules."""
   mesh = ml_collections.ConfigDict()
   mesh.axes = sharding.MESH_AXES
   mesh.shape = tuple(shape)  # -1 fills the remaining devices

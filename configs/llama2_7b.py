@@ -12,7 +12,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  """Returns the config; it takes no argument (override keys with --config.a.b=v instead)."""
+  common.parse_arg(arg)
   return common.pretraining_config(
       'llama2-7b', seq_len=4096, global_batch_size=1024, num_steps=500_000, learning_rate=3e-4,
       warmup_steps=2000, end_lr_ratio=0.1, tokenizer='sentencepiece', tokenizer_path='',

@@ -13,7 +13,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  """Returns the config; it takes no argument (override keys with --config.a.b=v instead)."""
+  common.parse_arg(arg)
   return common.pretraining_config(
       'llama3.2-1b', seq_len=4096, global_batch_size=512, num_steps=1_000_000,
       learning_rate=3e-4, warmup_steps=2000, end_lr_ratio=0.01, tokenizer='huggingface',

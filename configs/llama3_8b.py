@@ -13,7 +13,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  """Returns the config; it takes no argument (override keys with --config.a.b=v instead)."""
+  common.parse_arg(arg)
   return common.pretraining_config(
       'llama3-8b', seq_len=8192, global_batch_size=512, num_steps=3_600_000, learning_rate=3e-4,
       warmup_steps=8000, end_lr_ratio=0.01, tokenizer='huggingface', tokenizer_path='')

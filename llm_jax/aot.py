@@ -237,7 +237,7 @@ def main(argv, flag_values: dict) -> None:
   num_params = model_lib.count_params(model_lib.abstract_params(model_config))
   print(f'{topology}: {len(devices)} x {devices[0].device_kind}; mesh '
         f'{dict(zip(config.mesh.axes, mesh_shape))}; {config.model.preset} '
-        f'({num_params / 1e9:.2f}B params, {model_config.dtype}, remat '
+        f'({num_params / 1e6:,.1f}M params, {model_config.dtype}, remat '
         f'{model_config.remat_policy}, attention {model_config.attention_kernel}); batch '
         f'{config.data.global_batch_size} x {config.data.seq_len}', flush=True)
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, config.mesh.num_slices,

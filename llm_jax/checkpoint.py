@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from llm_jax import model as model_lib
+from llm_jax import sharding
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 
@@ -64,6 +65,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract
 
 
 def read_model_config(manager: ocp.CheckpointManager, step: int) -> model_lib.ModelConfig:
+  """The ModelConfig stored with a step."""
   values = manager.restore(step, args=ocp.args.Composite(model_config=ocp.args.JsonRestore()))
   return model_lib.from_config_dict(values['model_config'])
 
@@ -82,8 +84,7 @@ def abstract_unboxed_params(model_config: model_lib.ModelConfig, shardings=None)
   if shardings is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return sharding.with_shardings(abstract, shardings)
 
 
 def load_params(directory: str, step: Optional[int] = None, shardings=None):

@@ -13,6 +13,11 @@ from tensorboardX import SummaryWriter
 from llm_jax import flops
 
 
+def perplexity(loss: float) -> float:
+  """exp(loss), capped so a diverged run logs a large number instead of overflowing."""
+  return math.exp(min(loss, 50.0))
+
+
 def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
   """Total cross-entropy in nats over a text -> bits per UTF-8 byte of that text."""
   return loss_sum_nats / (math.log(2) * max(num_bytes, 1))
@@ -47,24 +52,35 @@ class MetricsWriter:
 
 
 class Throughput:
-  """Tokens/s, step time, MFU and ETA between two log points."""
+  """Tokens/s, step time, MFU and ETA between two log points, and over the whole run.
 
-  def __init__(self, model_config, seq_len: int, num_steps: int):
-    self._flops_per_token = flops.training_flops_per_token(model_config, seq_len)
+  Counts every token of every row (B x T per step), padding included, since the accelerator
+  computes on all of them; the loss is normalised by the scored tokens instead.
+  """
+
+  def __init__(self, model_config, batch_shape, num_steps: int):
+    self._tokens_per_step = batch_shape[0] * batch_shape[1]
+    self._flops_per_token = flops.training_flops_per_token(model_config, batch_shape[1])
     self._peak = flops.device_peak_flops(jax.devices()[0])
     self._num_devices = jax.device_count()
     self._num_steps = num_steps
     self._last_time: Optional[float] = None
     self._last_step = 0
+    self.total_tokens = 0
+    self.total_seconds = 0.0
 
   def start(self, step: int):
+    """(Re)starts the clock, e.g. after compilation or evaluation, which are not training."""
     self._last_time, self._last_step = time.time(), step
 
-  def measure(self, step: int, tokens: float) -> dict:
-    """Figures since the last call; `tokens` counts the tokens processed in that interval."""
+  def measure(self, step: int) -> dict:
+    """Figures for the steps since the last call."""
     now = time.time()
     elapsed = max(now - self._last_time, 1e-9)
     steps = max(step - self._last_step, 1)
+    tokens = steps * self._tokens_per_step
+    self.total_tokens += tokens
+    self.total_seconds += elapsed
     tokens_per_second = tokens / elapsed
     result = {'tokens_per_second': tokens_per_second, 'step_seconds': elapsed / steps,
               'eta_seconds': (self._num_steps - step) * elapsed / steps}
@@ -73,6 +89,10 @@ class Throughput:
                                 self._peak)
     self._last_time, self._last_step = now, step
     return result
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.total_tokens / self.total_seconds if self.total_seconds else 0.0
 
 
 def format_line(step: int, num_steps: int, scalars: dict) -> str:

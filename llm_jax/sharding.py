@@ -69,15 +69,16 @@ def create_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES, num_slice
     device_array = mesh_utils.create_hybrid_device_mesh(per_slice, dcn_shape, devices)
   else:
     shape = resolve_mesh_shape(shape, len(devices))
-    try:
-      device_array = mesh_utils.create_device_mesh(shape, devices)
-    except (NotImplementedError, ValueError, AssertionError):
-      # Topology-aware placement is only known for TPUs/GPUs; elsewhere device order is fine.
+    if devices[0].platform == 'cpu':
+      # Topology-aware placement only matters for TPU/GPU interconnects.
       device_array = np.asarray(devices).reshape(shape)
+    else:
+      device_array = mesh_utils.create_device_mesh(shape, devices)
   return Mesh(device_array, tuple(axes))
 
 
-def _mesh_axes_size(mesh: Mesh, axes) -> int:
+def mesh_axes_size(mesh: Mesh, axes) -> int:
+  """Number of devices along one mesh axis, a tuple of axes, or None (1)."""
   if axes is None:
     return 1
   axes = (axes,) if isinstance(axes, str) else axes
@@ -91,7 +92,7 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
   spec = []
   for dim, axes in zip(shape, mesh_axes):
     axes = None if axes is nn.spmd._unassigned_axis else axes  # pylint: disable=protected-access
-    spec.append(axes if axes is not None and dim % _mesh_axes_size(mesh, axes) == 0 else None)
+    spec.append(axes if axes is not None and dim % mesh_axes_size(mesh, axes) == 0 else None)
   return PartitionSpec(*spec)
 
 
@@ -105,6 +106,18 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: Rules):
 
   return jax.tree.map(leaf_sharding, abstract_tree,
                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def logical_axis_size(logical_axis: str, mesh: Mesh, rules: Rules) -> int:
+  """How many ways the rules split a logical axis over the mesh (e.g. the batch's shards)."""
+  axes = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
+  return mesh_axes_size(mesh, None if axes is nn.spmd._unassigned_axis else axes)  # pylint: disable=protected-access
+
+
+def with_shardings(abstract_tree, shardings):
+  """ShapeDtypeStructs carrying the given shardings: a restore or AOT-compilation target."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
 
 
 def logical_sharding(logical_axes, shape, mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -6,16 +6,18 @@ sampled continuations and summary.json. A rerun of the same command resumes from
 complete checkpoint, including the data iterator's position, and sees the same batches.
 """
 
-import math
+import dataclasses
 import os
 import signal
 import time
 import zlib
+from typing import Any, Optional
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from llm_jax import checkpoint
 from llm_jax import memory
@@ -25,6 +27,11 @@ from llm_jax import optim
 from llm_jax import sharding
 from llm_jax import train_steps
 from llm_jax.data import pipeline
+
+NONFINITE_POLICIES = ('skip', 'stop')
+# Fields a resumed or fine-tuning run may change relative to its checkpoint: they change how
+# the model computes, not which parameters it has.
+COMPUTE_FIELDS = ('dtype', 'remat_policy', 'attention_kernel', 'max_seq_len')
 
 
 class PreemptionFlag:
@@ -46,6 +53,12 @@ class PreemptionFlag:
   def __exit__(self, *exc):
     signal.signal(signal.SIGTERM, self._previous)
 
+  def should_stop(self, step: int) -> bool:
+    """Whether to stop after `step`; all hosts of a multi-host run agree on the same step."""
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
 
 def gzip_bits_per_byte(texts) -> float:
   """zlib level 9 on the concatenated held-out texts: the baseline a language model must beat."""
@@ -61,42 +74,48 @@ def evaluate(eval_fn, params, batches, mesh, rules, num_bytes: int) -> dict:
     loss_sum += float(out['loss_sum'])
     tokens += float(out['tokens'])
   loss = loss_sum / max(tokens, 1.0)
-  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
+  return {'loss': loss, 'perplexity': metrics_lib.perplexity(loss),
           'bits_per_byte': metrics_lib.bits_per_byte(loss_sum, num_bytes), 'tokens': tokens}
+
+
+def check_compatible(saved: model_lib.ModelConfig, configured: model_lib.ModelConfig,
+                     source: str, may_differ=COMPUTE_FIELDS):
+  """Raises naming every architecture field in which a checkpoint and the config disagree."""
+  differing = [f'{f.name}: checkpoint {getattr(saved, f.name)!r}, config '
+               f'{getattr(configured, f.name)!r}' for f in dataclasses.fields(saved)
+               if f.name not in may_differ and getattr(saved, f.name) != getattr(configured,
+                                                                                 f.name)]
+  if differing:
+    raise ValueError(f'{source} does not match the configured model: ' + '; '.join(differing))
 
 
 def restore_or_initialise(config, model_config, tx, manager, mesh, rules):
   """Returns (state, shardings, data_state): resumed, fine-tuned from init_from, or fresh."""
-  state, shardings = train_steps.create_train_state(model_config, tx, mesh, rules, config.seed)
+  abstract, _ = train_steps.abstract_train_state(model_config, tx)
+  shardings = sharding.tree_shardings(abstract, mesh, rules)
   step = manager.latest_step()
   if step is not None:
-    saved_config = checkpoint.read_model_config(manager, step)
-    if saved_config != model_config:
-      raise ValueError(f'the checkpoint at step {step} in {manager.directory} was written for '
-                       f'{saved_config}, but the config asks for {model_config}')
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
-    restored = checkpoint.restore(manager, step, abstract.params, abstract.opt_state,
+    check_compatible(checkpoint.read_model_config(manager, step), model_config,
+                     f'the checkpoint of step {step} in {manager.directory}')
+    target = sharding.with_shardings(model_lib.unbox(abstract), shardings)
+    restored = checkpoint.restore(manager, step, target.params, target.opt_state,
                                   with_data_state=True)
     logging.info('resumed from step %d in %s', step, manager.directory)
     state = train_steps.TrainState(step=jax.device_put(np.int32(step), shardings.step),
                                    params=restored['params'], opt_state=restored['opt_state'])
     return state, shardings, restored['data_state']
+  state, shardings = train_steps.create_train_state(model_config, tx, mesh, rules, config.seed)
   if config.train.init_from:
     loaded_config, params = checkpoint.load_params(config.train.init_from,
                                                    shardings=shardings.params)
-    if loaded_config.replace(**_numerics(model_config)) != model_config:
-      raise ValueError(f'train.init_from={config.train.init_from!r} holds {loaded_config}, which '
-                       f'does not match the configured model {model_config}')
-    state = state.replace(params=params)
+    check_compatible(loaded_config, model_config, f'train.init_from={config.train.init_from!r}',
+                     COMPUTE_FIELDS + ('param_dtype',))
+    params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params)
+    # The fresh optimizer state was built for the random parameters; rebuild it for these.
+    state = state.replace(params=params, opt_state=jax.jit(
+        tx.init, out_shardings=shardings.opt_state)(params))
     logging.info('initialised parameters from %s', config.train.init_from)
   return state, shardings, None
-
-
-def _numerics(model_config):
-  """Fields a fine-tuning run may change relative to the checkpoint it starts from."""
-  return {k: getattr(model_config, k) for k in ('dtype', 'scan_layers', 'remat_policy',
-                                                'attention_kernel', 'max_seq_len')}
 
 
 def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -> list:
@@ -113,37 +132,60 @@ def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -
   return [{'prompt': p, 'continuation': t} for p, t in zip(prompts, texts)]
 
 
-def _close(iterator):
-  """Stops the input pipeline's background workers, if it has any."""
-  close = getattr(iterator, 'close', None)
-  if close is not None:
-    close()
+@dataclasses.dataclass
+class Run:
+  """Everything the loop needs, built once by `setup`."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model_config: model_lib.ModelConfig
+  mesh: Any
+  rules: tuple
+  tokenizer: Any
+  manager: Any
+  state: Any
+  train_iter: Any
+  train_step: Any
+  eval_step: Any
+  eval_batches: list
+  eval_texts: list
+  writer: metrics_lib.MetricsWriter
+  throughput: metrics_lib.Throughput
+  skipped_steps: list = dataclasses.field(default_factory=list)
+
+  def evaluate(self) -> dict:
+    num_bytes = sum(len(t.encode('utf-8')) for t in self.eval_texts)
+    return evaluate(self.eval_step, self.state.params, self.eval_batches, self.mesh, self.rules,
+                    num_bytes)
+
+  def save(self, step: int):
+    checkpoint.save(self.manager, step, self.model_config, self.state.params,
+                    self.state.opt_state, self.train_iter.get_state())
+
+  def close(self):
+    self.writer.close()
+    self.manager.wait_until_finished()
+    self.manager.close()
+    close = getattr(self.train_iter, 'close', None)  # grain's background workers, if any
+    if close is not None:
+      close()
 
 
-def _check_finite(history, step_offset):
-  """Raises naming the first step whose loss or gradient was not finite."""
-  for i, finite in enumerate(history):
-    if not finite:
-      raise FloatingPointError(f'non-finite loss or gradient at step {step_offset + i + 1}; the '
-                               'update was not applied and no checkpoint holds it')
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains per `config`, writing checkpoints, TensorBoard events and summary.json to workdir."""
-  start_time = time.time()
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Mesh, tokenizer, data, sharded (restored) state and compiled steps for a run."""
+  if config.train.nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f'train.nonfinite={config.train.nonfinite!r}; expected one of '
+                     f'{NONFINITE_POLICIES}')
   os.makedirs(workdir, exist_ok=True)
   model_config = model_lib.from_config_dict(config.model)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, config.mesh.num_slices)
   tokenizer = pipeline.get_tokenizer(config.data, workdir, model_config.vocab_size)
-  num_steps = config.train.num_steps
-  tx, schedule = optim.create_optimizer(config.optim, num_steps)
+  tx, schedule = optim.create_optimizer(config.optim, config.train.num_steps)
   batch_shape = (config.data.global_batch_size, config.data.seq_len)
   logging.info('model %s, %.2fM parameters; mesh %s', model_config,
                model_lib.count_params(model_lib.abstract_params(model_config)) / 1e6, mesh.shape)
   logging.info('memory per device: %s', memory.estimate_memory_per_device(
       model_config, mesh, rules, batch_shape, accum_steps=config.optim.grad_accum_steps))
-
   manager = checkpoint.create_manager(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
                                       keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
@@ -157,72 +199,98 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_batches, eval_texts = pipeline.make_eval_batches(
       config.data, tokenizer, num_batches=config.eval.num_batches,
       process_index=jax.process_index(), process_count=jax.process_count())
-  eval_bytes = sum(len(t.encode('utf-8')) for t in eval_texts)
+  return Run(
+      config=config, workdir=workdir, model_config=model_config, mesh=mesh, rules=rules,
+      tokenizer=tokenizer, manager=manager, state=state, train_iter=train_iter,
+      train_step=train_steps.jit_train_step(model_config, tx, schedule, shardings, mesh, rules,
+                                            batch_shape, config.optim.z_loss,
+                                            config.optim.grad_accum_steps),
+      eval_step=train_steps.jit_eval_step(model_config, shardings.params, mesh, rules,
+                                          (config.data.eval_batch_size, config.data.seq_len)),
+      eval_batches=eval_batches, eval_texts=eval_texts,
+      writer=metrics_lib.MetricsWriter(workdir),
+      throughput=metrics_lib.Throughput(model_config, batch_shape, config.train.num_steps))
 
-  train_step = train_steps.jit_train_step(model_config, tx, schedule, shardings, mesh, rules,
-                                          batch_shape, config.optim.z_loss,
-                                          config.optim.grad_accum_steps)
-  eval_batch_shape = (config.data.eval_batch_size, config.data.seq_len)
-  eval_step = train_steps.jit_eval_step(model_config, shardings.params, mesh, rules,
-                                        eval_batch_shape)
-  writer = metrics_lib.MetricsWriter(workdir)
-  throughput = metrics_lib.Throughput(model_config, config.data.seq_len, num_steps)
-  step = int(jax.device_get(state.step))
-  first_step = step
-  pending, eval_result, tokens_trained = [], None, 0.0
 
-  def save_checkpoint():
-    _check_finite([bool(m['finite']) for m in jax.device_get(pending)], step - len(pending))
-    checkpoint.save(manager, step, model_config, state.params, state.opt_state,
-                    train_iter.get_state())
+def log_steps(run: Run, step: int, pending: list):
+  """Logs the mean metrics of the steps since the last log; applies the non-finite policy."""
+  history = jax.device_get(pending)
+  for offset, metrics in enumerate(history):
+    if not metrics['finite']:
+      bad_step = step - len(history) + offset + 1
+      if run.config.train.nonfinite == 'stop':
+        raise FloatingPointError(f'non-finite loss or gradient at step {bad_step}; the update '
+                                 'was not applied and no checkpoint holds it')
+      logging.warning('non-finite loss or gradient at step %d: update skipped', bad_step)
+      run.skipped_steps.append(bad_step)
+  finite = [m for m in history if m['finite']] or history
+  scalars = {k: float(np.mean([m[k] for m in finite]))
+             for k in ('loss', 'grad_norm', 'learning_rate')}
+  scalars['perplexity'] = metrics_lib.perplexity(scalars['loss'])
+  scalars.update(run.throughput.measure(step))
+  run.writer.write(step, scalars, 'train/')
+  logging.info(metrics_lib.format_line(step, run.config.train.num_steps, scalars))
 
-  with sharding.activate(mesh, rules), PreemptionFlag() as preemption:
-    throughput.start(step)
-    while step < num_steps and not preemption.requested:
-      batch = pipeline.to_global_batch(next(train_iter), mesh, rules)
-      state, step_metrics = train_step(state, batch)
-      step += 1
-      pending.append(step_metrics)
-      if step % config.train.log_every == 0 or step == num_steps:
-        history = jax.device_get(pending)
-        _check_finite([bool(m['finite']) for m in history], step - len(history))
-        tokens = sum(float(m['tokens']) for m in history)
-        tokens_trained += tokens
-        scalars = {k: float(np.mean([m[k] for m in history]))
-                   for k in ('loss', 'grad_norm', 'learning_rate')}
-        scalars['perplexity'] = math.exp(min(scalars['loss'], 50.0))
-        scalars.update(throughput.measure(step, tokens))
-        writer.write(step, scalars, 'train/')
-        logging.info(metrics_lib.format_line(step, num_steps, scalars))
+
+def train_loop(run: Run, preemption: PreemptionFlag) -> tuple[int, Optional[dict]]:
+  """Steps until num_steps or preemption; returns (last step, last evaluation or None)."""
+  config = run.config
+  step = first_step = int(jax.device_get(run.state.step))
+  pending, eval_result = [], None
+  run.throughput.start(step)
+  while step < config.train.num_steps:
+    batch = pipeline.to_global_batch(next(run.train_iter), run.mesh, run.rules)
+    run.state, step_metrics = run.train_step(run.state, batch)
+    step += 1
+    pending.append(step_metrics)
+    if len(pending) == 1 and step == first_step + 1:
+      jax.block_until_ready(step_metrics)
+      run.throughput.start(step)  # compilation is not training time
+    last = step == config.train.num_steps
+    stop = preemption.should_stop(step)
+    if step % config.train.log_every == 0 or last or stop:
+      log_steps(run, step, pending)
+      pending = []
+    if step % config.eval.every_steps == 0 or last:
+      eval_result = run.evaluate()
+      run.writer.write(step, eval_result, 'eval/')
+      logging.info('eval at step %d: %s', step, eval_result)
+      run.throughput.start(step)
+    if step % config.checkpoint.every_steps == 0 or last or stop:
+      if pending:  # the non-finite policy must see every step a checkpoint holds
+        log_steps(run, step, pending)
         pending = []
-      if step % config.eval.every_steps == 0 or step == num_steps:
-        eval_result = evaluate(eval_step, state.params, eval_batches, mesh, rules, eval_bytes)
-        writer.write(step, eval_result, 'eval/')
-        logging.info('eval at step %d: %s', step, eval_result)
-        throughput.start(step)
-      if step % config.checkpoint.every_steps == 0 or step == num_steps or preemption.requested:
-        save_checkpoint()
-    manager.wait_until_finished()
-    if preemption.requested:
+      run.save(step)
+    if stop:
+      break
+  return step, eval_result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config`, writing checkpoints, TensorBoard events and summary.json to workdir."""
+  start_time = time.time()
+  run = setup(config, workdir)
+  with sharding.activate(run.mesh, run.rules), PreemptionFlag() as preemption:
+    step, eval_result = train_loop(run, preemption)
+    if step < config.train.num_steps:
       logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
-      writer.close()
-      _close(train_iter)
+      run.close()
       return {'step': step, 'preempted': True}
-    if eval_result is None:
-      eval_result = evaluate(eval_step, state.params, eval_batches, mesh, rules, eval_bytes)
-    samples = sample_continuations(config, model_config, state.params, tokenizer, mesh, rules)
+    if eval_result is None:  # resumed at the end: nothing was trained or evaluated
+      eval_result = run.evaluate()
+    samples = sample_continuations(config, run.model_config, run.state.params, run.tokenizer,
+                                   run.mesh, run.rules)
   for sample in samples:
     logging.info('sample: %r -> %r', sample['prompt'], sample['continuation'])
-  wall = time.time() - start_time
   summary = {
-      'step': step, 'eval_loss': eval_result['loss'], 'eval_perplexity': eval_result['perplexity'],
+      'step': step, 'eval_loss': eval_result['loss'],
+      'eval_perplexity': eval_result['perplexity'],
       'eval_bits_per_byte': eval_result['bits_per_byte'],
-      'gzip_bits_per_byte': gzip_bits_per_byte(eval_texts),
-      'tokens_per_second': tokens_trained / max(wall, 1e-9) if step > first_step else 0.0,
-      'wall_seconds': wall, 'samples': samples}
+      'gzip_bits_per_byte': gzip_bits_per_byte(run.eval_texts),
+      'tokens_per_second': run.throughput.tokens_per_second,
+      'skipped_steps': run.skipped_steps, 'wall_seconds': time.time() - start_time,
+      'samples': samples}
   if jax.process_index() == 0:
     metrics_lib.write_summary(workdir, summary)
-  writer.close()
-  manager.close()
-  _close(train_iter)
+  run.close()
   return summary

@@ -34,14 +34,15 @@ def _env():
   return env
 
 
-def _train_losses(workdir):
-  losses = {}
+def _train_records(workdir):
+  """(step, loss) of every train record, in file order (a resumed run appends)."""
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      record = json.loads(line)
-      if 'train/loss' in record:
-        losses[record['step']] = record['train/loss']
-  return losses
+    records = [json.loads(line) for line in f]
+  return [(r['step'], r['train/loss']) for r in records if 'train/loss' in r]
+
+
+def _train_losses(workdir):
+  return dict(_train_records(workdir))
 
 
 @pytest.fixture(scope='module')
@@ -84,12 +85,16 @@ def test_sigkill_then_rerun_resumes_with_identical_losses(uninterrupted, tmp_pat
   os.kill(process.pid, signal.SIGKILL)
   process.wait()
   assert not os.path.exists(os.path.join(workdir, 'summary.json')), 'run finished before kill'
-  killed_losses = _train_losses(workdir)
+  killed_steps = [step for step, _ in _train_records(workdir)]
+  assert killed_steps and max(killed_steps) < 60
+  last_checkpoint = max(int(name) for name in os.listdir(checkpoints) if name.isdigit())
 
   subprocess.run(command, cwd=ROOT, env=_env(), check=True, timeout=600)
   expected = _train_losses(uninterrupted)
   resumed = _train_losses(workdir)
-  assert max(killed_losses) < 60
+  rerun_steps = [step for step, _ in _train_records(workdir)][len(killed_steps):]
+  # The rerun continued from the checkpoint, not from scratch.
+  assert rerun_steps == list(range(last_checkpoint + 1, 61))
   assert set(range(1, 61)) <= set(resumed)
   for step in range(1, 61):
     assert resumed[step] == expected[step], (step, resumed[step], expected[step])

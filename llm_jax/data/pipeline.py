@@ -25,7 +25,6 @@ from typing import Any, Iterator, Optional
 from absl import flags
 from absl import logging
 from etils import epath
-import flax.linen as nn
 import grain
 import jax
 import numpy as np
@@ -258,15 +257,13 @@ def to_global_batch(batch: Batch, mesh: jax.sharding.Mesh, rules) -> dict[str, j
   Returns:
     The same keys, as jax Arrays of [local_batch * process_count, ...].
   """
-  batch_axes = nn.logical_to_mesh_axes(('act_batch',), rules)[0]
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-  devices_per_row_split = math.prod(mesh.shape[axis] for axis in batch_axes)
+  devices_per_row_split = sharding_lib.logical_axis_size('act_batch', mesh, rules)
   result = {}
   for key, local in batch.items():
     global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
     if global_shape[0] % devices_per_row_split:
       raise ValueError(f'the global batch of {global_shape[0]} rows ({key!r}) does not split '
-                       f'over the {devices_per_row_split} devices of mesh axes {batch_axes}')
+                       f'over the {devices_per_row_split} devices of its mesh axes')
     logical_axes = ('act_batch', 'act_seq')[:local.ndim] + (None,) * (local.ndim - 2)
     sharding = sharding_lib.logical_sharding(logical_axes, global_shape, mesh, rules)
     result[key] = jax.make_array_from_process_local_data(sharding, local, global_shape)

@@ -44,6 +44,9 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, segment_ids=None, cache=None):
     """x: [B, T, D]; positions, segment_ids: [B, T]; cache: {'k','v'} [B, S, K, H] or None."""
+    if cache is not None and segment_ids is not None:
+      raise ValueError('segment_ids cannot be combined with a KV cache: cached decoding handles '
+                       'one sequence per row (pad on the right instead of packing)')
     embed_dim = x.shape[-1]
     n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
     wq = self._kernel('q_proj', (embed_dim, n, h), ('embed', 'heads', 'head_dim'), 0)

@@ -12,9 +12,10 @@ class Embedder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
+    # std D^-1/2 keeps tied output logits O(1) at init (std 1 would give std sqrt(D)).
+    init = nn.initializers.normal(stddev=self.embed_dim ** -0.5)
     self.embedding = self.param(
-        'embedding',
-        nn.with_logical_partitioning(nn.initializers.normal(stddev=1.0), ('vocab', 'embed')),
+        'embedding', nn.with_logical_partitioning(init, ('vocab', 'embed')),
         (self.vocab_size, self.embed_dim), self.param_dtype)
 
   def encode(self, tokens):  # tokens: [B, T] -> [B, T, D]
