@@ -93,6 +93,7 @@ class CompileReport:
   model_flops: float  # flops.py's count for one device
   hbm: Optional[int]
   compile_seconds: float
+  out_of_memory: str = ''  # the compiler's message when it refused the program for HBM
 
   @property
   def total(self) -> int:
@@ -100,10 +101,12 @@ class CompileReport:
 
   @property
   def fits(self) -> bool:
-    return self.hbm is None or self.total <= self.hbm
+    return not self.out_of_memory and (self.hbm is None or self.total <= self.hbm)
 
   def __str__(self) -> str:
     fmt = memory.format_bytes
+    if self.out_of_memory:
+      return f'{self.name}: the compiler ran out of HBM: {self.out_of_memory}'
     line = (f'{self.name}: arguments {fmt(self.arguments)}, outputs {fmt(self.outputs)}, '
             f'aliased {fmt(self.aliased)}, temporaries {fmt(self.temporaries)}; total '
             f'{fmt(self.total)}')
@@ -116,7 +119,15 @@ class CompileReport:
 
 def _report(name: str, lowered, model_flops: float, hbm: Optional[int]) -> CompileReport:
   start = time.time()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    # The TPU compiler refuses programs whose temporaries alone exceed HBM.
+    if 'RESOURCE_EXHAUSTED' not in str(error):
+      raise
+    message = str(error).split('RESOURCE_EXHAUSTED:', 1)[1].strip().splitlines()[0]
+    return CompileReport(name, 0, 0, 0, 0, 0, 0.0, model_flops, hbm, time.time() - start,
+                         out_of_memory=message)
   seconds = time.time() - start
   stats = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -204,6 +215,7 @@ def check_fits(reports: list[CompileReport]) -> None:
   too_big = [r for r in reports if not r.fits]
   if too_big:
     sys.exit('does not fit: ' + '; '.join(
+        f'{r.name}: {r.out_of_memory}' if r.out_of_memory else
         f'{r.name} needs {memory.format_bytes(r.total)} per chip, the chip has '
         f'{memory.format_bytes(r.hbm)}' for r in too_big))
 

@@ -36,9 +36,13 @@ def test_check_fits_exits_naming_the_step():
   fits = aot.CompileReport('decode step', GIB, 0, 0, GIB, 0, 0.0, 0.0, 16 * GIB, 1.0)
   too_big = aot.CompileReport('train step', 10 * GIB, 10 * GIB, 10 * GIB, 8 * GIB, 0, 0.0, 0.0,
                               16 * GIB, 1.0)
+  refused = aot.CompileReport('train step', 0, 0, 0, 0, 0, 0.0, 0.0, 16 * GIB, 1.0,
+                              out_of_memory='Ran out of memory on HBM')
   aot.check_fits([fits])
   with pytest.raises(SystemExit, match='train step needs 18.00 GiB per chip, the chip has 16'):
     aot.check_fits([fits, too_big])
+  with pytest.raises(SystemExit, match='train step: Ran out of memory on HBM'):
+    aot.check_fits([refused])
 
 
 def test_tiny_train_and_decode_compile_for_v5e_2x2_with_splash():
