@@ -177,7 +177,8 @@ class Transformer(nn.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    embedder = Embedder(cfg.vocab_size, cfg.embed_dim, dtype, param_dtype, name='embedder')
+    embedder = Embedder(cfg.vocab_size, cfg.embed_dim, cfg.tie_embeddings, dtype, param_dtype,
+                        name='embedder')
     x = embedder.encode(tokens)  # [B, T, D]
     x, new_cache = self._run_layers(x, positions, segment_ids, cache)
     x = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='final_norm')(x)

@@ -8,12 +8,14 @@ class Embedder(nn.Module):
   """Maps token ids to vectors, and (tied case) vectors back to vocabulary logits."""
   vocab_size: int
   embed_dim: int
+  tied: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    # std D^-1/2 keeps tied output logits O(1) at init (std 1 would give std sqrt(D)).
-    init = nn.initializers.normal(stddev=self.embed_dim ** -0.5)
+    # Tied: std D^-1/2 keeps the output logits O(1) at init (std 1 would give std sqrt(D)).
+    # Untied: std 1, as in flax's lm1b; the first RMSNorm rescales the input anyway.
+    init = nn.initializers.normal(stddev=self.embed_dim ** -0.5 if self.tied else 1.0)
     self.embedding = self.param(
         'embedding', nn.with_logical_partitioning(init, ('vocab', 'embed')),
         (self.vocab_size, self.embed_dim), self.param_dtype)
