@@ -14,7 +14,7 @@ The module knows nothing of the model: it receives a `forward` function that fee
 beam at the given positions and returns the next logits and the updated cache.
 """
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import flax.struct
 import jax
@@ -71,8 +71,8 @@ def _update_finished(state: BeamState, topk_seqs, topk_scores, stopped, *, num_b
   # Only the W best continuations may finish; the others exist to keep W beams alive.
   just_finished = stopped & (jnp.arange(keep) < num_beams)[None, :]
   scores = topk_scores / (state.step + 1).astype(jnp.float32) ** length_penalty
-  if early_stopping is True:
-    scores += jnp.all(state.is_finished, axis=-1, keepdims=True) * _NEG
+  all_full = jnp.all(state.is_finished, axis=-1, keepdims=True)
+  scores += (all_full & (early_stopping == 1)) * _NEG
   scores += (~state.improvable)[:, None] * _NEG
   scores += (~just_finished) * _NEG
   merged_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
@@ -89,10 +89,7 @@ def _update_finished(state: BeamState, topk_seqs, topk_scores, stopped, *, num_b
 
 def _still_improvable(state: BeamState, max_new, *, length_penalty, early_stopping):
   """transformers' early-stop heuristic, evaluated after `step` was advanced."""
-  if early_stopping == 'never':
-    best_len = jnp.where(length_penalty > 0.0, max_new, state.step)
-  else:
-    best_len = state.step
+  best_len = jnp.where((early_stopping == 2) & (length_penalty > 0.0), max_new, state.step)
   best_running = state.running_scores[:, :1] / best_len.astype(jnp.float32) ** length_penalty
   worst_finished = jnp.where(state.is_finished,
                              jnp.min(state.finished_scores, axis=1, keepdims=True), _NEG)
@@ -101,8 +98,8 @@ def _still_improvable(state: BeamState, max_new, *, length_penalty, early_stoppi
 
 def beam_step(state: BeamState, logits: jax.Array, *, num_beams: int, stop_ids: jax.Array,
               max_new: jax.Array, length_penalty: jax.Array,
-              early_stopping: Union[bool, str], repetition_penalty=None) -> tuple[BeamState,
-                                                                                  jax.Array]:
+              early_stopping: jax.Array, num_tokens: jax.Array,
+              repetition_penalty=None) -> tuple[BeamState, jax.Array, jax.Array]:
   """Extends every beam by one token given its next-token logits [B * W, V].
 
   Returns the new state and, per beam row [B * W], the index of the row it continues (the
@@ -110,7 +107,8 @@ def beam_step(state: BeamState, logits: jax.Array, *, num_beams: int, stop_ids: 
   """
   batch = state.running_scores.shape[0]
   vocab = logits.shape[-1]
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logits = sampling.limit_vocabulary(logits.astype(jnp.float32), num_tokens)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
   if repetition_penalty is not None:
     log_probs = sampling.apply_repetition_penalty(log_probs, state.seen, repetition_penalty)
   log_probs = log_probs.reshape(batch, num_beams, vocab) + state.running_scores[:, :, None]
@@ -135,17 +133,18 @@ def beam_step(state: BeamState, logits: jax.Array, *, num_beams: int, stop_ids: 
   return new, source_rows, _gather(tokens, live).reshape(-1)
 
 
-def keep_going(state: BeamState, valid: jax.Array, early_stopping: Union[bool, str]):
+def keep_going(state: BeamState, valid: jax.Array, early_stopping: jax.Array):
   """transformers' loop condition; rows that are batch padding (valid False) never count."""
   improvable = jnp.any(state.improvable & valid)
   all_full = jnp.all(state.is_finished | ~valid[:, None])
   all_stopped = jnp.all(state.all_stopped | ~valid)
-  return improvable & ~(all_full & (early_stopping is True)) & ~all_stopped
+  return improvable & ~(all_full & (early_stopping == 1)) & ~all_stopped
 
 
 def search(forward: Forward, first_logits: jax.Array, cache: dict, prompt_lengths: jax.Array,
            valid: jax.Array, *, num_beams: int, max_len: int, max_new: jax.Array,
-           stop_ids: jax.Array, length_penalty: jax.Array, early_stopping: Union[bool, str],
+           stop_ids: jax.Array, length_penalty: jax.Array, early_stopping: jax.Array,
+           num_tokens: jax.Array,
            seen: Optional[jax.Array] = None, repetition_penalty=None,
            constrain: Callable[[dict], dict] = lambda c: c):
   """Runs beam search after the prompts were prefilled.
@@ -161,7 +160,8 @@ def search(forward: Forward, first_logits: jax.Array, cache: dict, prompt_length
     max_new: [] the number of new tokens wanted.
     stop_ids: [E] tokens that end a hypothesis.
     length_penalty: [] exponent of the generated length in the final score.
-    early_stopping: True, False or 'never', as in transformers.
+    num_tokens: [] only ids below it are considered.
+    early_stopping: [] int32 code (`sampling.early_stopping_code`) of True, False, 'never'.
     seen: [B, V] tokens in each prompt (repetition penalty only).
     repetition_penalty: [] HF repetition penalty, or None for none.
     constrain: applied to the cache after each reordering (sharding constraints).
@@ -176,7 +176,7 @@ def search(forward: Forward, first_logits: jax.Array, cache: dict, prompt_length
   positions = expand(prompt_lengths)
   step_kwargs = dict(num_beams=num_beams, stop_ids=stop_ids, max_new=max_new,
                      length_penalty=length_penalty, early_stopping=early_stopping,
-                     repetition_penalty=repetition_penalty)
+                     num_tokens=num_tokens, repetition_penalty=repetition_penalty)
 
   def advance(state, logits):
     state, rows, tokens = beam_step(state, logits, **step_kwargs)

@@ -5,9 +5,11 @@ the model stores keys/values at slot == position, so each sequence then continue
 position (stale slots beyond a sequence's position are never visible to it). New tokens come
 from a `lax.while_loop` that stops after `max_new_tokens` or once every sequence has emitted a
 stop token: no Python runs per token. Batch, prompt length and `max_new_tokens` are rounded up to
-buckets (powers of two), so a new prompt length rarely recompiles; each bucket compiles once per
-(model config, sampling program, mesh, rules). The float knobs (temperature, top_p, penalties)
-and the seed are runtime values: changing them never recompiles.
+buckets (powers of two), so a new prompt length rarely recompiles; each bucket compiles two
+programs (prefill + first token, and the loop; beam search: one) once per (model config,
+sampling program, mesh, rules). The float knobs (temperature, top_p, penalties), beam search's
+early_stopping and the seed are runtime values: changing them never recompiles. On CPU the
+layers run unrolled (see `_run_config`).
 
 The cache and activations are laid out by the same logical-axis rules as training (cache axes
 `model.CACHE_AXES`: batch over the data axes, KV heads over tensor), on any mesh.
@@ -38,66 +40,12 @@ from llm_jax import sharding
 
 PAD_ID = 0  # what a finished sequence "emits"; never returned to the caller
 _MIN_BUCKET = 8
-_KNOBS = ('temperature', 'top_p', 'repetition_penalty', 'length_penalty')
 # Logical axes of the DecodeState fields; fields not listed are replicated.
 _STATE_AXES = {
     'cache': model_lib.CACHE_AXES, 'tokens': ('act_batch', None), 'last': ('act_batch',),
     'positions': ('act_batch',), 'num_new': ('act_batch',), 'done': ('act_batch',),
     'keys': ('act_batch',), 'seen': ('act_batch', 'act_vocab'),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationOptions:
-  """How new tokens are chosen; checked on construction, before anything is compiled.
-
-  temperature 0 is greedy decoding. top_k, top_p, repetition_penalty, num_beams,
-  length_penalty and early_stopping mean what they mean in transformers' `generate`.
-  """
-  max_new_tokens: int
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  repetition_penalty: float = 1.0
-  num_beams: int = 1
-  length_penalty: float = 1.0
-  early_stopping: Union[bool, str] = False
-  seed: int = 0
-
-  def __post_init__(self):
-    def is_int(x):
-      return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-    problems = [
-        (not is_int(self.max_new_tokens) or self.max_new_tokens < 1, 'max_new_tokens',
-         'a positive integer'),
-        (not math.isfinite(self.temperature) or self.temperature < 0, 'temperature', '>= 0'),
-        (not is_int(self.top_k) or self.top_k < 0, 'top_k', 'an integer >= 0 (0 = off)'),
-        (not 0 < self.top_p <= 1, 'top_p', 'in (0, 1]'),
-        (not self.repetition_penalty > 0, 'repetition_penalty', '> 0 (1 = off)'),
-        (not is_int(self.num_beams) or self.num_beams < 1, 'num_beams', 'an integer >= 1'),
-        (not math.isfinite(self.length_penalty), 'length_penalty', 'a finite number'),
-        (self.early_stopping not in (True, False, 'never'), 'early_stopping',
-         "True, False or 'never'"),
-        (not is_int(self.seed) or not -2**31 <= self.seed < 2**31, 'seed', 'a 32-bit integer'),
-    ]
-    for bad, name, expected in problems:
-      if bad:
-        raise ValueError(f'{name}={getattr(self, name)!r}; expected {expected}')
-    if self.num_beams > 1 and (self.temperature > 0 or self.top_k or self.top_p < 1):
-      raise ValueError(
-          f'num_beams={self.num_beams} runs deterministic beam search, which does not sample: '
-          f'use temperature=0, top_k=0 and top_p=1 with it (got temperature='
-          f'{self.temperature}, top_k={self.top_k}, top_p={self.top_p})')
-
-  @property
-  def spec(self) -> sampling.SamplingSpec:
-    greedy = self.temperature == 0
-    return sampling.SamplingSpec(
-        greedy=greedy, top_k=0 if greedy else int(self.top_k),
-        top_p=not greedy and self.top_p < 1, repetition_penalty=self.repetition_penalty != 1)
-
-  def knobs(self) -> dict:
-    return {name: np.float32(getattr(self, name)) for name in _KNOBS}
 
 
 @flax.struct.dataclass
@@ -114,7 +62,7 @@ class DecodeState:
   step: jax.Array  # [] tokens emitted by the batch
   max_new: jax.Array  # [] requested new tokens (<= M)
   stop_ids: jax.Array  # [E]
-  knobs: dict  # float32 scalars named by _KNOBS
+  knobs: dict  # runtime scalars, see GenerationOptions.knobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,9 +222,8 @@ def _continue(config, spec, layout: _Layout, params, state: DecodeState,
   return jax.lax.while_loop(lambda s: (s.step < until) & ~jnp.all(s.done), body, state)
 
 
-def _run_beams(config, spec, layout: _Layout, bucket: _Bucket, num_beams: int,
-               early_stopping, params, prompts, lengths, valid, seed, knobs, stop_ids,
-               max_new):
+def _run_beams(config, spec, layout: _Layout, bucket: _Bucket, num_beams: int, params, prompts,
+               lengths, valid, seed, knobs, stop_ids, max_new):
   """Prefills the prompts and runs beam search; `seed` is unused (deterministic)."""
   del seed
   cache = model_lib.init_cache(config, prompts.shape[0], bucket.cache_len, bucket.cache_dtype)
@@ -289,7 +236,8 @@ def _run_beams(config, spec, layout: _Layout, bucket: _Bucket, num_beams: int,
   return beam_search.search(
       forward, logits, cache, lengths, valid, num_beams=num_beams, max_len=bucket.max_new,
       max_new=max_new, stop_ids=stop_ids, length_penalty=knobs['length_penalty'],
-      early_stopping=early_stopping, seen=seen, repetition_penalty=penalty,
+      early_stopping=knobs['early_stopping'], num_tokens=knobs['num_tokens'],
+      seen=seen, repetition_penalty=penalty,
       constrain=layout.constrain_cache)
 
 
@@ -310,10 +258,9 @@ def _input_shardings(config, layout: _Layout, bucket: _Bucket) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _beam_program(config, spec, layout: _Layout, bucket: _Bucket, num_beams: int,
-                  early_stopping):
+def _beam_program(config, spec, layout: _Layout, bucket: _Bucket, num_beams: int):
   """inputs -> (tokens [B, M], lengths [B], scores [B]) of the best beam of each prompt."""
-  run = functools.partial(_run_beams, config, spec, layout, bucket, num_beams, early_stopping)
+  run = functools.partial(_run_beams, config, spec, layout, bucket, num_beams)
   rows = layout.sharding(('act_batch',), (bucket.batch,))
   tokens = layout.sharding(('act_batch', None), (bucket.batch, bucket.max_new))
   return jax.jit(run, in_shardings=_input_shardings(config, layout, bucket),
@@ -334,7 +281,8 @@ def _sampling_programs(config, spec, layout: _Layout, bucket: _Bucket):
       _strip_boxes(model_lib.abstract_params(config)),
       jax.ShapeDtypeStruct((bucket.batch, bucket.prompt_len), jnp.int32), rows,
       jax.ShapeDtypeStruct((bucket.batch,), bool), scalar,
-      {name: jax.ShapeDtypeStruct((), jnp.float32) for name in _KNOBS},
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct((), x.dtype),
+                   _knobs(sampling.GenerationOptions(1), 1)),
       jax.ShapeDtypeStruct((bucket.num_stop,), jnp.int32), scalar)
 
   def state_sharding(path, leaf):
@@ -431,9 +379,13 @@ def _cache_dtype(config: model_lib.ModelConfig, layout: _Layout, cache_dtype) ->
   return dtype.name
 
 
-def _plan(config, prompts, options: GenerationOptions, stop_ids: tuple, cache_dtype, mesh,
-          rules) -> _Job:
-  """Checks a request and pads it to its shape bucket."""
+def _knobs(options: sampling.GenerationOptions, num_tokens: int) -> dict:
+  return dict(options.knobs(), num_tokens=np.int32(num_tokens))
+
+
+def _plan(config, prompts, options: sampling.GenerationOptions, stop_ids: tuple, cache_dtype, mesh,
+          rules, num_tokens: Optional[int] = None) -> _Job:
+  """Checks a request and pads it to its shape bucket; ids >= num_tokens are never generated."""
   prompts = _check_prompts(config, prompts, options.max_new_tokens)
   layout = _make_layout(mesh, rules)
   multiple = layout.batch_multiple()
@@ -452,7 +404,8 @@ def _plan(config, prompts, options: GenerationOptions, stop_ids: tuple, cache_dt
     tokens[i, :prompt.size] = prompt
     lengths[i] = prompt.size
   valid = np.arange(batch) < len(prompts)
-  inputs = (tokens, lengths, valid, np.int32(options.seed), options.knobs(),
+  knobs = _knobs(options, config.vocab_size if num_tokens is None else num_tokens)
+  inputs = (tokens, lengths, valid, np.int32(options.seed), knobs,
             np.asarray(stop_ids + (-1,) * (num_stop - len(stop_ids)), np.int32),
             np.int32(options.max_new_tokens))
   return _Job(layout, bucket, options.spec, inputs, len(prompts), stop_ids)
@@ -465,8 +418,10 @@ def _param_shapes(config: model_lib.ModelConfig) -> dict:
               _strip_boxes(model_lib.abstract_params(config)))[0]}
 
 
-def _place_params(config: model_lib.ModelConfig, params, layout: _Layout):
-  """Puts the parameters on the mesh (a no-op when they already are) after checking them."""
+def _place_params(config: model_lib.ModelConfig, params, layout: _Layout,
+                  run_config: model_lib.ModelConfig):
+  """Checks the parameters against `config`, puts them on the mesh (a no-op when they already
+  are there) and, when `run_config` unrolls the layers, unstacks them."""
   params = _strip_boxes(flax.core.unfreeze(params))
   expected = _param_shapes(config)
   given = {jax.tree_util.keystr(p): np.shape(x)
@@ -480,17 +435,63 @@ def _place_params(config: model_lib.ModelConfig, params, layout: _Layout):
     if tuple(shape) != tuple(expected[path]):
       raise ValueError(f'parameter {path} has shape {tuple(shape)}; the model config expects '
                        f'{tuple(expected[path])}')
+  if config.scan_layers and not run_config.scan_layers:
+    if layout.mesh.devices.flat[0].platform == 'cpu':
+      # Layer slices of host arrays are views, and CPU devices can use host memory as it is:
+      # unstacking this way copies nothing.
+      return jax.device_put(_unstack(jax.device_get(params), config.num_layers),
+                            _param_shardings(run_config, layout))
+    params = jax.device_put(params, _param_shardings(config, layout))
+    return _unstack_program(config, layout)(params)
   return jax.device_put(params, _param_shardings(config, layout))
 
 
-def _encode(prompts, tokenizer):
-  """Text prompts -> BOS + token ids (the tokenizer adds no special tokens itself)."""
+def _run_config(config: model_lib.ModelConfig, layout: _Layout,
+                unroll_layers: Optional[bool]) -> model_lib.ModelConfig:
+  """The config the programs run: layers unrolled on CPU unless told otherwise.
+
+  XLA:CPU copies each layer's weights out of the stacked [L, ...] arrays at every step of a
+  scanned decode loop, which costs as much memory traffic as the matmuls themselves;
+  accelerators read the slices in place, and unrolling would double their weight memory.
+  """
+  if unroll_layers is None:
+    unroll_layers = layout.mesh.devices.flat[0].platform == 'cpu'
+  return config.replace(scan_layers=False) if unroll_layers else config
+
+
+def _unstack(params: dict, num_layers: int) -> dict:
+  """Stacked 'layers' params -> 'layers_0' ... 'layers_{L-1}'."""
+  flat = {name: value for name, value in params.items() if name != 'layers'}
+  for i in range(num_layers):
+    flat[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], params['layers'])
+  return flat
+
+
+@functools.lru_cache(maxsize=8)
+def _unstack_program(config: model_lib.ModelConfig, layout: _Layout):
+  """`_unstack` as a program on the mesh, for accelerators."""
+  return jax.jit(functools.partial(_unstack, num_layers=config.num_layers),
+                 in_shardings=(_param_shardings(config, layout),),
+                 out_shardings=_param_shardings(config.replace(scan_layers=False), layout))
+
+
+def _plan_request(config, prompts, options: sampling.GenerationOptions, eos_id, tokenizer,
+                  cache_dtype, mesh, rules) -> _Job:
+  """`_plan` after encoding text prompts (BOS + ids; the tokenizer adds no special tokens).
+
+  With a tokenizer, EOS is the default stop token and ids it cannot decode (a model's padded
+  vocabulary) are never generated.
+  """
   if tokenizer is None:
-    return prompts
+    return _plan(config, prompts, options, _check_stop_ids(eos_id, config.vocab_size),
+                 cache_dtype, mesh, rules)
   if isinstance(prompts, str):
     raise ValueError('prompts must be a list of strings; wrap a single prompt in a list')
-  return [[tokenizer.bos_id] + tokenizer.encode(p) if isinstance(p, str) else p
-          for p in prompts]
+  prompts = [[tokenizer.bos_id] + tokenizer.encode(p) if isinstance(p, str) else p
+             for p in prompts]
+  eos_id = tokenizer.eos_id if eos_id is None else eos_id
+  return _plan(config, prompts, options, _check_stop_ids(eos_id, config.vocab_size),
+               cache_dtype, mesh, rules, min(tokenizer.vocab_size, config.vocab_size))
 
 
 def _detokenize(tokenizer, ids: list, stop_ids: tuple) -> str:
@@ -504,7 +505,8 @@ def generate(config: model_lib.ModelConfig, params, prompts: Sequence, *, max_ne
              eos_id: Union[int, Sequence[int], None] = None, seed: int = 0,
              repetition_penalty: float = 1.0, length_penalty: float = 1.0,
              early_stopping: Union[bool, str] = False, cache_dtype: Any = None,
-             mesh: Optional[Mesh] = None, rules=None, tokenizer=None) -> list:
+             mesh: Optional[Mesh] = None, rules=None, tokenizer=None,
+             unroll_layers: Optional[bool] = None) -> list:
   """Continues each prompt by up to `max_new_tokens` tokens.
 
   Args:
@@ -517,64 +519,69 @@ def generate(config: model_lib.ModelConfig, params, prompts: Sequence, *, max_ne
     top_p: sample from the smallest set of tokens with this much probability (1 = off).
     num_beams: > 1 runs beam search (greedy, transformers' semantics).
     eos_id: stop token id, or several (Llama 3); default: the tokenizer's EOS, else none.
-    seed: sampling seed; prompt i always draws from the same stream, whatever the batch.
+    seed: sampling seed; a prompt's draws depend on it and on the prompt's index in the
+      list, not on the batch bucket or the mesh.
     repetition_penalty: transformers' repetition penalty (1 = off).
     length_penalty: beam search: score = log-prob sum / length ** length_penalty.
     early_stopping: beam search: True, False or 'never', as in transformers.
     cache_dtype: KV cache dtype; default bfloat16 on accelerators, the model dtype on CPU.
     mesh: device mesh; default one device.
     rules: logical-axis rules; default `sharding.DEFAULT_RULES`.
-    tokenizer: encodes string prompts and decodes the outputs.
+    tokenizer: encodes string prompts and decodes the outputs; ids it cannot decode are
+      never generated.
+    unroll_layers: run scanned-layer params as unrolled layers (on accelerators a copy of the
+      weights per call); default: on CPU only, where it makes decoding faster.
 
   Returns:
     For each prompt, its new token ids (the stop token included when emitted), or the new
     text (without the stop token) when `tokenizer` is given.
   """
-  options = GenerationOptions(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                              num_beams, length_penalty, early_stopping, seed)
-  if eos_id is None and tokenizer is not None:
-    eos_id = tokenizer.eos_id
-  stop_ids = _check_stop_ids(eos_id, config.vocab_size)
-  job = _plan(config, _encode(prompts, tokenizer), options, stop_ids, cache_dtype, mesh, rules)
+  options = sampling.GenerationOptions(max_new_tokens, temperature, top_k, top_p,
+                                       repetition_penalty, num_beams, length_penalty,
+                                       early_stopping, seed)
+  job = _plan_request(config, prompts, options, eos_id, tokenizer, cache_dtype, mesh, rules)
+  run_config = _run_config(config, job.layout, unroll_layers)
   with sharding.activate(job.layout.mesh, job.layout.rules):
-    params = _place_params(config, params, job.layout)
+    params = _place_params(config, params, job.layout, run_config)
     if num_beams > 1:
-      program = _beam_program(config, job.spec, job.layout, job.bucket, num_beams,
-                              early_stopping)
+      program = _beam_program(run_config, job.spec, job.layout, job.bucket, num_beams)
       tokens, lengths, _ = program(params, *job.inputs)
     else:
-      start, resume = _sampling_programs(config, job.spec, job.layout, job.bucket)
+      start, resume = _sampling_programs(run_config, job.spec, job.layout, job.bucket)
       state = resume(params, start(params, *job.inputs), job.inputs[-1])
       tokens, lengths = state.tokens, state.num_new
   tokens, lengths = jax.device_get((tokens, lengths))
   outputs = [tokens[i, :lengths[i]].tolist() for i in range(job.num_prompts)]
   if tokenizer is None:
     return outputs
-  return [_detokenize(tokenizer, ids, stop_ids) for ids in outputs]
+  return [_detokenize(tokenizer, ids, job.stop_ids) for ids in outputs]
 
 
 def stream(config: model_lib.ModelConfig, params, prompts: Sequence, *, max_new_tokens: int,
            chunk_size: int = 8, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            eos_id: Union[int, Sequence[int], None] = None, seed: int = 0,
            repetition_penalty: float = 1.0, cache_dtype: Any = None,
-           mesh: Optional[Mesh] = None, rules=None) -> Iterator[list[list[int]]]:
-  """Like `generate` (token ids, no beam search), yielding new tokens as they are produced.
+           mesh: Optional[Mesh] = None, rules=None, tokenizer=None,
+           unroll_layers: Optional[bool] = None) -> Iterator[list[list[int]]]:
+  """Like `generate` (no beam search), yielding new token ids as they are produced.
 
   The first chunk holds each prompt's first token (right after prefill); later chunks up to
-  `chunk_size` tokens each. Concatenated, the chunks equal `generate`'s output.
+  `chunk_size` tokens each. Concatenated, the chunks equal `generate`'s output. A tokenizer
+  encodes string prompts, as in `generate`; the chunks stay token ids, since a chunk boundary
+  may split a character.
 
   Yields:
     For each prompt, the list of tokens it produced since the previous chunk.
   """
   if not _is_int(chunk_size) or chunk_size < 1:
     raise ValueError(f'chunk_size={chunk_size!r}; expected a positive integer')
-  options = GenerationOptions(max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                              seed=seed)
-  job = _plan(config, prompts, options, _check_stop_ids(eos_id, config.vocab_size),
-              cache_dtype, mesh, rules)
+  options = sampling.GenerationOptions(max_new_tokens, temperature, top_k, top_p,
+                                       repetition_penalty, seed=seed)
+  job = _plan_request(config, prompts, options, eos_id, tokenizer, cache_dtype, mesh, rules)
+  run_config = _run_config(config, job.layout, unroll_layers)
   with sharding.activate(job.layout.mesh, job.layout.rules):
-    params = _place_params(config, params, job.layout)
-    start, resume = _sampling_programs(config, job.spec, job.layout, job.bucket)
+    params = _place_params(config, params, job.layout, run_config)
+    start, resume = _sampling_programs(run_config, job.spec, job.layout, job.bucket)
     state = start(params, *job.inputs)
   emitted = np.zeros((job.num_prompts,), np.int64)
   while True:

@@ -115,17 +115,21 @@ def _sampling_kwargs() -> dict:
 
 
 def respond(config, params, tokenizer, prompt_ids, stop_ids, mesh) -> tuple[str, int]:
-  """Generates a continuation of one prompt, printing it as it comes; (text, new tokens)."""
-  printer = _TextPrinter(tokenizer, stop_ids)
+  """Generates a continuation of one prompt, printing it as it comes; (text, new tokens).
+
+  Beam search prints the text once it is complete and reports 0 new tokens.
+  """
   if _NUM_BEAMS.value > 1:
     kwargs = dict(_sampling_kwargs(), num_beams=_NUM_BEAMS.value,
                   length_penalty=_LENGTH_PENALTY.value)
-    printer.add(decode.generate(config, params, [prompt_ids], eos_id=stop_ids, mesh=mesh,
-                                **kwargs)[0])
-  else:
-    for chunk in decode.stream(config, params, [prompt_ids], eos_id=stop_ids, mesh=mesh,
-                               chunk_size=_CHUNK.value, **_sampling_kwargs()):
-      printer.add(chunk[0])
+    text = decode.generate(config, params, [prompt_ids], eos_id=stop_ids, mesh=mesh,
+                           tokenizer=tokenizer, **kwargs)[0]
+    print(text, flush=True)
+    return text, 0
+  printer = _TextPrinter(tokenizer, stop_ids)
+  for chunk in decode.stream(config, params, [prompt_ids], eos_id=stop_ids, mesh=mesh,
+                             tokenizer=tokenizer, chunk_size=_CHUNK.value, **_sampling_kwargs()):
+    printer.add(chunk[0])
   return printer.finish(), len(printer.ids)
 
 

@@ -52,15 +52,17 @@ class MemoryEstimate:
   gradients: int
   optimizer: int
   activations: int
+  fsdp_buffers: int = 0  # one layer's gathered weights (double-buffered) and unreduced gradient
   hbm: Optional[int] = None
 
   @property
   def total(self) -> int:
-    return self.params + self.gradients + self.optimizer + self.activations
+    return (self.params + self.gradients + self.optimizer + self.activations +
+            self.fsdp_buffers)
 
   def __str__(self) -> str:
     parts = ', '.join(f'{name} {format_bytes(getattr(self, name))}' for name in
-                      ('params', 'gradients', 'optimizer', 'activations'))
+                      ('params', 'gradients', 'optimizer', 'activations', 'fsdp_buffers'))
     line = f'memory per device (estimate): {parts}; total {format_bytes(self.total)}'
     if self.hbm:
       line += f' of {format_bytes(self.hbm)} HBM ({self.total / self.hbm:.0%})'
@@ -142,6 +144,23 @@ def activation_bytes(config: model_lib.ModelConfig, mesh: Mesh, rules,
   return int(tokens * (saved + working + logits))
 
 
+def fsdp_buffer_bytes(config: model_lib.ModelConfig, mesh: Mesh, rules) -> int:
+  """Bytes of one layer's weights gathered over the FSDP axes, twice (the next layer's gather
+  overlaps the current layer's compute), plus that layer's gradient before its reduce-scatter.
+
+  Zero when the rules do not shard the weights' embed dimension (no FSDP).
+  """
+  if _shards(mesh, rules, 'embed', config.embed_dim) == 1:
+    return 0
+  d, f, h = config.embed_dim, config.mlp_dim, config.head_dim
+  heads = config.num_heads * h / _shards(mesh, rules, 'heads', config.num_heads)
+  kv_heads = config.num_kv_heads * h / _shards(mesh, rules, 'kv_heads', config.num_kv_heads)
+  mlp = f / _shards(mesh, rules, 'mlp', f)
+  layer_params = d * (2 * heads + 2 * kv_heads + 3 * mlp)
+  return int(layer_params * (2 * jnp.dtype(config.dtype).itemsize +
+                             jnp.dtype(config.param_dtype).itemsize))
+
+
 def estimate_memory_per_device(config: model_lib.ModelConfig, mesh: Mesh, rules,
                                batch_shape: Sequence[int], optimizer_moments: int = 2,
                                moment_dtype: Optional[str] = None,
@@ -171,4 +190,5 @@ def estimate_memory_per_device(config: model_lib.ModelConfig, mesh: Mesh, rules,
   micro_batch = (batch_shape[0] // accum_steps, batch_shape[1])
   activations = activation_bytes(config, mesh, rules, micro_batch)
   hbm = device_hbm_bytes(mesh.devices.flat[0])
-  return MemoryEstimate(params, gradients, optimizer, activations, hbm)
+  return MemoryEstimate(params, gradients, optimizer, activations,
+                        fsdp_buffer_bytes(config, mesh, rules), hbm)

@@ -1,6 +1,6 @@
-"""Next-token selection from logits: repetition penalty, temperature, top-k, top-p, sampling.
+"""Next-token selection: the generation options, and the logits processors and sampler.
 
-The processors follow the Hugging Face `transformers` semantics and order (repetition penalty,
+`GenerationOptions` holds and checks a request's settings. The processors follow the Hugging Face `transformers` semantics and order (repetition penalty,
 then temperature, then top-k, then top-p), so settings carry over and results are comparable.
 Every function works on a batch of float32 logits [B, V] and is traceable under `jit`: the
 integer `top_k` is static, the float knobs may be traced scalars (changing them does not
@@ -8,12 +8,29 @@ recompile).
 """
 
 import dataclasses
+import math
 from typing import Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Scalar = Union[float, jax.Array]
+_FLOAT_KNOBS = ('temperature', 'top_p', 'repetition_penalty', 'length_penalty')
+# Beam search's early_stopping travels as a traced int32 code, so switching it never recompiles.
+EARLY_STOPPING_CODES = {False: 0, True: 1, 'never': 2}
+
+
+def early_stopping_code(early_stopping: Union[bool, str]) -> int:
+  """The code of transformers' early_stopping setting (True, False or 'never')."""
+  for value, code in EARLY_STOPPING_CODES.items():
+    if early_stopping is value or (isinstance(value, str) and early_stopping == value):
+      return code
+  raise ValueError(f"early_stopping={early_stopping!r}; expected True, False or 'never'")
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +47,66 @@ class SamplingSpec:
   top_k: int = 0
   top_p: bool = False
   repetition_penalty: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+  """How new tokens are chosen; checked on construction, before anything is compiled.
+
+  temperature 0 is greedy decoding. top_k, top_p, repetition_penalty, num_beams,
+  length_penalty and early_stopping mean what they mean in transformers' `generate`.
+  """
+  max_new_tokens: int
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+  num_beams: int = 1
+  length_penalty: float = 1.0
+  early_stopping: Union[bool, str] = False
+  seed: int = 0
+
+  def __post_init__(self):
+    problems = [
+        (not _is_int(self.max_new_tokens) or self.max_new_tokens < 1, 'max_new_tokens',
+         'a positive integer'),
+        (not math.isfinite(self.temperature) or self.temperature < 0, 'temperature', '>= 0'),
+        (not _is_int(self.top_k) or self.top_k < 0, 'top_k', 'an integer >= 0 (0 = off)'),
+        (not 0 < self.top_p <= 1, 'top_p', 'in (0, 1]'),
+        (not self.repetition_penalty > 0, 'repetition_penalty', '> 0 (1 = off)'),
+        (not _is_int(self.num_beams) or self.num_beams < 1, 'num_beams', 'an integer >= 1'),
+        (not math.isfinite(self.length_penalty), 'length_penalty', 'a finite number'),
+        (not _is_int(self.seed) or not -2**31 <= self.seed < 2**31, 'seed',
+         'a 32-bit integer'),
+    ]
+    for bad, name, expected in problems:
+      if bad:
+        raise ValueError(f'{name}={getattr(self, name)!r}; expected {expected}')
+    early_stopping_code(self.early_stopping)
+    if self.num_beams > 1 and (self.temperature > 0 or self.top_k or self.top_p < 1):
+      raise ValueError(
+          f'num_beams={self.num_beams} runs deterministic beam search, which does not sample: '
+          f'use temperature=0, top_k=0 and top_p=1 with it (got temperature='
+          f'{self.temperature}, top_k={self.top_k}, top_p={self.top_p})')
+
+  @property
+  def spec(self) -> 'SamplingSpec':
+    greedy = self.temperature == 0
+    return SamplingSpec(greedy=greedy, top_k=0 if greedy else int(self.top_k),
+                        top_p=not greedy and self.top_p < 1,
+                        repetition_penalty=self.repetition_penalty != 1)
+
+  def knobs(self) -> dict:
+    """The runtime values of the compiled programs (changing them does not recompile)."""
+    knobs = {name: np.float32(getattr(self, name)) for name in _FLOAT_KNOBS}
+    knobs['early_stopping'] = np.int32(early_stopping_code(self.early_stopping))
+    return knobs
+
+
+def limit_vocabulary(logits: jax.Array, num_tokens: jax.Array) -> jax.Array:
+  """Rules out ids >= num_tokens: rows a model's padded embedding table has beyond its
+  tokenizer's vocabulary, which the tokenizer could not decode."""
+  return jnp.where(jnp.arange(logits.shape[-1]) < num_tokens, logits, -jnp.inf)
 
 
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: Scalar) -> jax.Array:
@@ -112,12 +189,14 @@ def select_tokens(logits: jax.Array, keys: jax.Array, spec: SamplingSpec, knobs:
     logits: [B, V] float32 logits of the next token.
     keys: [B] PRNG keys for this step (unused when greedy).
     spec: the static program.
-    knobs: float32 scalars 'temperature', 'top_p', 'repetition_penalty'.
+    knobs: float32 scalars 'temperature', 'top_p', 'repetition_penalty', and the int32
+      'num_tokens' (ids from it on are never chosen).
     seen: [B, V] bool tokens already in each sequence (needed with a repetition penalty).
 
   Returns:
     int32 token ids [B].
   """
+  logits = limit_vocabulary(logits, knobs['num_tokens'])
   if spec.repetition_penalty:
     logits = apply_repetition_penalty(logits, seen, knobs['repetition_penalty'])
   if spec.greedy:

@@ -147,6 +147,11 @@ def test_string_prompts_with_tokenizer(checkpoint):
   ids = decode.generate(config, params, [[1] + [ord(c) for c in w] for w in words],
                         max_new_tokens=12, eos_id=2)
   assert texts == [''.join(chr(i) for i in row if i != 2) for row in ids]
+  # A tokenizer smaller than the model's vocabulary never sees ids it cannot decode.
+  tokenizer.vocab_size = 60
+  texts = decode.generate(config, params, words, max_new_tokens=12, tokenizer=tokenizer)
+  assert all(ord(c) < 60 for text in texts for c in text)
+  assert max(ord(c) for text in texts for c in text) > 2
 
 
 @pytest.mark.parametrize('prompts, kwargs, message', [

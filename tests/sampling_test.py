@@ -15,16 +15,16 @@ from llm_jax import model as model_lib
 from llm_jax import sampling
 from llm_jax import sharding
 
-SETTINGS = settings(max_examples=60, deadline=None)
+SETTINGS = settings(max_examples=40, deadline=None)
 
 
 @st.composite
 def distributions(draw):
   """Logits at least 0.01 apart (ties would make 'the top k' ambiguous), top_k, top_p."""
-  vocab = draw(st.sampled_from([6, 40]))
+  vocab = 24
   hundredths = draw(st.lists(st.integers(-800, 800), min_size=vocab, max_size=vocab,
                              unique=True))
-  top_k = draw(st.sampled_from([0, 1, 2, 5, vocab, vocab + 3]))
+  top_k = draw(st.sampled_from([0, 1, 5, vocab + 3]))
   top_p = draw(st.floats(0.05, 1.0))
   return np.asarray(hundredths, np.float32) / 100, top_k, top_p
 
@@ -120,9 +120,11 @@ def test_seeded_sampling_is_the_same_on_any_mesh(params):
   one_device = sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1])
   single = decode.generate(CONFIG, params, prompts, mesh=one_device, **kwargs)
   # The (2, 2, 2) mesh splits the batch over data x fsdp and the KV heads over tensor; it
-  # also streams, so the random stream must continue across chunk boundaries.
+  # also streams, so the random stream must continue across chunk boundaries, and keeps the
+  # layers scanned (the accelerator default) where the single device unrolls them.
   mesh = sharding.create_mesh((2, 2, 2))
-  chunks = list(decode.stream(CONFIG, params, prompts, mesh=mesh, chunk_size=3, **kwargs))
+  chunks = list(decode.stream(CONFIG, params, prompts, mesh=mesh, chunk_size=3,
+                              unroll_layers=False, **kwargs))
   sharded = [sum((chunk[i] for chunk in chunks), []) for i in range(len(prompts))]
   assert sharded == single
   assert single != decode.generate(CONFIG, params, prompts, mesh=one_device,
@@ -131,11 +133,12 @@ def test_seeded_sampling_is_the_same_on_any_mesh(params):
 
 def test_cache_is_laid_out_by_the_logical_rules(params):
   mesh = sharding.create_mesh((2, 2, 2))
-  options = decode.GenerationOptions(max_new_tokens=10, temperature=0.8, top_k=40, top_p=0.9)
-  job = decode._plan(CONFIG, [[1, 2, 3]] * 4, options, (), None, mesh, None)  # pylint: disable=protected-access
+  options = sampling.GenerationOptions(max_new_tokens=10, temperature=0.8, top_k=40, top_p=0.9)
+  # pylint: disable=protected-access
+  job = decode._plan(CONFIG, [[1, 2, 3]] * 4, options, (), None, mesh, None)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   with sharding.activate(mesh, job.layout.rules):
-    start, _ = decode._sampling_programs(CONFIG, job.spec, job.layout, job.bucket)  # pylint: disable=protected-access
+    start, _ = decode._sampling_programs(CONFIG, job.spec, job.layout, job.bucket)
     state_shape = start.eval_shape(abstract, *job.inputs)
   expected = PartitionSpec(None, ('data', 'fsdp'), None, 'tensor', None)
   assert state_shape.cache['k'].sharding.spec == expected
