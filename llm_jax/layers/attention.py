@@ -18,8 +18,10 @@ from llm_jax.layers import rope
 
 def write_to_cache(cache, update, positions):
   """Writes update [B, T, K, H] into cache [B, S, K, H] at slots positions [B, T]."""
-  return jax.vmap(lambda c, u, p: c.at[p].set(u, mode='drop'))(
-      cache, update.astype(cache.dtype), positions)
+  # One scatter indexed by (row, slot) keeps the cache's layout (a vmapped per-row scatter
+  # makes XLA transpose the whole cache); out-of-range slots are dropped, never wrapped.
+  rows = jnp.arange(cache.shape[0])[:, None]
+  return cache.at[rows, positions].set(update.astype(cache.dtype), mode='drop')
 
 
 class Attention(nn.Module):
