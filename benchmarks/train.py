@@ -35,6 +35,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Model dtype (float32, bfloat16).')
 _REMAT = flags.DEFINE_string('remat', 'none', 'Remat policy (llm_jax.model.REMAT_POLICIES).')
 _KERNEL = flags.DEFINE_string('attention_kernel', 'xla', 'Attention kernel.')
+_SCAN = flags.DEFINE_bool('scan_layers', False, 'Scan over layers (configs/default.py leaves '
+                          'them unrolled for CPUs; accelerator configs scan).')
 _TORCH = flags.DEFINE_bool('torch', None, 'Also time PyTorch; default: on a CPU only.')
 
 
@@ -126,7 +128,8 @@ def main(argv):
   del argv
   model_config = model_lib.get_preset(_PRESET.value, dtype=_DTYPE.value,
                                       remat_policy=_REMAT.value,
-                                      attention_kernel=_KERNEL.value)
+                                      attention_kernel=_KERNEL.value,
+                                      scan_layers=_SCAN.value)
   optim_config = default.get_config().optim
   optim_config.schedule, optim_config.warmup_steps, optim_config.learning_rate = (
       'constant', 0, 3e-4)
@@ -137,7 +140,8 @@ def main(argv):
   tokens = _BATCH.value * _SEQ.value
   flops_per_token = flops.training_flops_per_token(model_config, _SEQ.value)
   print(f'{_PRESET.value}, batch {_BATCH.value} x {_SEQ.value}, {model_config.dtype}, remat '
-        f'{model_config.remat_policy}, attention {model_config.attention_kernel}; '
+        f'{model_config.remat_policy}, attention {model_config.attention_kernel}, scan_layers '
+        f'{model_config.scan_layers}; '
         f'{jax.device_count()} x {device.device_kind}; {flops_per_token / 1e6:.1f} MFLOP/token; '
         f'median of {_STEPS.value} steps after {_WARMUP.value} warm-up', flush=True)
 

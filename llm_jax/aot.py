@@ -94,6 +94,7 @@ class CompileReport:
   hbm: Optional[int]
   compile_seconds: float
   out_of_memory: str = ''  # the compiler's message when it refused the program for HBM
+  scanned_layers: bool = False
 
   @property
   def total(self) -> int:
@@ -112,8 +113,10 @@ class CompileReport:
             f'{fmt(self.total)}')
     if self.hbm:
       line += f' of {fmt(self.hbm)} HBM ({self.total / self.hbm:.0%})'
-    line += (f'; per device {self.model_flops:.3g} model FLOPs, {self.flops:.3g} by XLA\'s cost '
-             f'analysis (which counts a scanned layer once)')
+    line += (f'; per device {self.model_flops:.3g} model FLOPs, {self.flops:.3g} by XLA\'s '
+             'cost analysis')
+    if self.scanned_layers:
+      line += ' (which counts the scanned layer once)'
     return line + f'; compiled in {self.compile_seconds:.0f} s'
 
 
@@ -207,7 +210,7 @@ def compile_steps(config: ml_collections.ConfigDict, devices, decode_batch_size:
     lowered = lower_decode_step(model_config, mesh, rules, batch, cache_len)
     reports.append(_report(f'decode step (batch {batch}, cache {cache_len})', lowered,
                            model_flops / num_devices, hbm))
-  return reports
+  return [dataclasses.replace(r, scanned_layers=model_config.scan_layers) for r in reports]
 
 
 def check_fits(reports: list[CompileReport]) -> None:

@@ -11,6 +11,7 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+from absl import logging
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -73,7 +74,14 @@ def create_mesh(shape: Sequence[int], axes: Sequence[str] = MESH_AXES, num_slice
       # Topology-aware placement only matters for TPU/GPU interconnects.
       device_array = np.asarray(devices).reshape(shape)
     else:
-      device_array = mesh_utils.create_device_mesh(shape, devices)
+      try:
+        device_array = mesh_utils.create_device_mesh(shape, devices)
+      except NotImplementedError:
+        # E.g. (1, 32, 2) on an 8x8 torus: legal, but an axis must span split physical axes.
+        logging.warning('mesh %s does not align with the device topology; splitting physical '
+                        'axes', shape)
+        device_array = mesh_utils.create_device_mesh(shape, devices,
+                                                     allow_split_physical_axes=True)
   return Mesh(device_array, tuple(axes))
 
 

@@ -80,11 +80,16 @@ def train_step(state: TrainState, batch, *, model_config, tx, schedule: Callable
   loss = ce_sum / denom
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = TrainState(step=state.step + 1, params=keep(new_params, state.params),
-                         opt_state=keep(new_opt_state, state.opt_state))
+
+  def apply_update(_):
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), new_opt_state
+
+  # A branch, not a where over every leaf: selecting element-wise costs a full pass over the
+  # parameters and moments each step.
+  params, opt_state = jax.lax.cond(finite, apply_update,
+                                   lambda _: (state.params, state.opt_state), None)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': tokens, 'finite': finite,
              'learning_rate': schedule(state.step)}
   return new_state, metrics

@@ -53,7 +53,7 @@ def test_tiny_train_and_decode_compile_for_v5e_2x2_with_splash():
   devices = aot.topology_devices('v5e:2x2')
   assert [d.device_kind for d in devices] == ['TPU v5 lite'] * 4
   # As `python -m llm_jax.aot` runs: conftest's 'highest' matmul precision would make the TPU
-  # compiler emulate float32 matmuls in several bfloat16 passes (3x the compile time).
+  # compiler emulate float32 matmuls in several bfloat16 passes (2.5x the compile time).
   with jax.default_matmul_precision('default'):
     train, decode = aot.compile_steps(config, devices, decode_batch_size=4, decode_cache_len=128)
   assert train.fits and decode.fits and train.hbm == 16 * GIB
