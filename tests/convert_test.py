@@ -126,7 +126,8 @@ def test_unscanned_layout_gives_the_same_logits(gqa_checkpoint):
                                 params['layers']['mlp']['down_proj'][1])
   tokens = random_tokens(2, LENGTH)
   np.testing.assert_allclose(Transformer(flat_config).apply({'params': flat_params}, tokens),
-                             Transformer(config).apply({'params': params}, tokens), atol=1e-5)
+                             Transformer(config).apply({'params': params}, tokens),
+                             rtol=1e-5, atol=1e-4)  # scan vs unrolled: float reassociation only
 
 
 def read_directory(directory):
