@@ -98,3 +98,26 @@ def test_sigkill_then_rerun_resumes_with_identical_losses(uninterrupted, tmp_pat
   assert set(range(1, 61)) <= set(resumed)
   for step in range(1, 61):
     assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  os.makedirs(workdir)
+  with open(os.path.join(uninterrupted, 'tokenizer.model'), 'rb') as src, open(
+      os.path.join(workdir, 'tokenizer.model'), 'wb') as dst:
+    dst.write(src.read())
+  # Periodic checkpoints only every 50 steps: a checkpoint before 50 can only be the SIGTERM one.
+  process = subprocess.Popen(_command(workdir, 60, 50), cwd=ROOT, env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 300
+  while time.time() < deadline and process.poll() is None:
+    if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  assert process.wait(timeout=120) == 0
+  assert not os.path.exists(os.path.join(workdir, 'summary.json'))
+  steps = [int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit()]
+  last_logged = max(step for step, _ in _train_records(workdir))
+  assert steps == [last_logged] and last_logged < 50
