@@ -11,7 +11,9 @@ MFU uses llm_jax.flops (prints '-' where the device's peak is unknown, e.g. CPU)
 is the device's peak_bytes_in_use on accelerators, the process's peak RSS on a CPU.
 """
 
+import os
 import resource
+import sys
 import statistics
 import time
 
@@ -20,7 +22,9 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from configs import default
+# configs/ lives in the checkout, not in the installed package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_jax import flops
 from llm_jax import model as model_lib
 from llm_jax import optim
