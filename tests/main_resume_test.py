@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,13 @@ def _train_losses(workdir):
   return dict(_train_records(workdir))
 
 
+def _workdir_with_tokenizer_of(source_workdir, path):
+  """A fresh workdir holding the tokenizer another run trained, so both tokenise identically."""
+  os.makedirs(path)
+  shutil.copy(os.path.join(source_workdir, 'tokenizer.model'), path)
+  return str(path)
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('uninterrupted'))
@@ -67,12 +75,7 @@ def test_main_job_writes_summary(uninterrupted):
 
 
 def test_sigkill_then_rerun_resumes_with_identical_losses(uninterrupted, tmp_path):
-  workdir = str(tmp_path / 'killed')
-  # Reuse the trained tokenizer so both runs tokenise identically (and skip retraining it).
-  os.makedirs(workdir)
-  with open(os.path.join(uninterrupted, 'tokenizer.model'), 'rb') as src, open(
-      os.path.join(workdir, 'tokenizer.model'), 'wb') as dst:
-    dst.write(src.read())
+  workdir = _workdir_with_tokenizer_of(uninterrupted, tmp_path / 'killed')
   command = _command(workdir, 60, 10)
   process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -101,11 +104,7 @@ def test_sigkill_then_rerun_resumes_with_identical_losses(uninterrupted, tmp_pat
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
-  workdir = str(tmp_path / 'preempted')
-  os.makedirs(workdir)
-  with open(os.path.join(uninterrupted, 'tokenizer.model'), 'rb') as src, open(
-      os.path.join(workdir, 'tokenizer.model'), 'wb') as dst:
-    dst.write(src.read())
+  workdir = _workdir_with_tokenizer_of(uninterrupted, tmp_path / 'preempted')
   # Periodic checkpoints only every 50 steps: a checkpoint before 50 can only be the SIGTERM one.
   process = subprocess.Popen(_command(workdir, 60, 50), cwd=ROOT, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
