@@ -38,7 +38,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (median reported).')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _DTYPE = flags.DEFINE_string('dtype', 'float32', 'Model dtype (float32, bfloat16).')
 _REMAT = flags.DEFINE_string('remat', 'none', 'Remat policy (llm_jax.model.REMAT_POLICIES).')
-_KERNEL = flags.DEFINE_string('attention_kernel', 'xla', 'Attention kernel.')
+_KERNEL = flags.DEFINE_string('attention_kernel', None, 'Attention kernel (llm_jax.layers.'
+                              'attention_kernels.KERNELS); default: configs/default.py\'s.')
 _SCAN = flags.DEFINE_bool('scan_layers', False, 'Scan over layers (configs/default.py leaves '
                           'them unrolled for CPUs; accelerator configs scan).')
 _TORCH = flags.DEFINE_bool('torch', None, 'Also time PyTorch; default: on a CPU only.')
@@ -130,9 +131,9 @@ def _row(name, times, tokens, flops_per_token, peak, memory_bytes, memory_note='
 
 def main(argv):
   del argv
+  kernel = _KERNEL.value or default.get_config().model.attention_kernel
   model_config = model_lib.get_preset(_PRESET.value, dtype=_DTYPE.value,
-                                      remat_policy=_REMAT.value,
-                                      attention_kernel=_KERNEL.value,
+                                      remat_policy=_REMAT.value, attention_kernel=kernel,
                                       scan_layers=_SCAN.value)
   optim_config = default.get_config().optim
   optim_config.schedule, optim_config.warmup_steps, optim_config.learning_rate = (

@@ -17,6 +17,7 @@ from llm_jax.layers.attention_kernels import KERNELS
 from llm_jax.layers.embed import Embedder
 from llm_jax.layers.mlp import Mlp
 from llm_jax.layers.norms import RMSNorm
+from llm_jax.layers.projection import project
 from llm_jax.layers.rope import RopeScaling
 
 REMAT_POLICIES = {
@@ -188,8 +189,7 @@ class Transformer(nn.Module):
       kernel = self.param('lm_head', nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), ('embed', 'vocab')), (cfg.embed_dim, cfg.vocab_size),
                           param_dtype)
-      logits = jnp.einsum('BTD,DV->BTV', x, kernel.astype(dtype),
-                          preferred_element_type=jnp.float32)
+      logits = project(x, kernel.astype(dtype), preferred_element_type=jnp.float32)
     logits = nn.with_logical_constraint(logits, ('act_batch', 'act_seq', 'act_vocab'))
     return logits if cache is None else (logits, new_cache)
 

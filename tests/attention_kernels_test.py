@@ -11,6 +11,7 @@ import pytest
 
 from llm_jax import sharding
 from llm_jax.layers import attention_kernels as ak
+from llm_jax.layers import blockwise_attention
 
 
 def numpy_attention(q, k, v, q_index, kv_index, q_segments=None, kv_segments=None):
@@ -129,3 +130,62 @@ def test_splash_length_rules():
   q, k, v, _ = _inputs(q_len=192, kv_len=192)
   with pytest.raises(ValueError, match='multiples of 128; got 192'):
     ak.dot_product_attention(q, k, v, _arange(2, 192), _arange(2, 192), kernel='splash')
+
+
+@pytest.mark.parametrize('q_len,block_size', [(16, 4), (19, 8), (16, 16), (24, None)])
+def test_blockwise_matches_numpy_with_packed_segments(q_len, block_size):
+  # Ragged last blocks (19 = 8 + 8 + 3) and a single block must be exact too.
+  q, k, v, segments = _inputs(q_len=q_len, kv_len=q_len)
+  index = _arange(2, q_len)
+  out = jax.jit(lambda q, k, v, s: blockwise_attention.blockwise_attention(
+      q, k, v, s, block_size=block_size))(q, k, v, segments)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, index, index, segments, segments),
+                             atol=1e-5)
+
+
+def test_blockwise_gradients_match_jax_nn_attention():
+  # 4 query heads share 2 key/value heads; rows hold two or three packed documents.
+  q, k, v, segments = _inputs(q_len=32, kv_len=32)
+  same_segment = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, T, S]
+  weights = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
+
+  def loss(attention):
+    return lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
+
+  ours = jax.jit(jax.value_and_grad(loss(lambda q, k, v: ak.dot_product_attention(
+      q, k, v, None, None, segments, segments, kernel='blockwise')), argnums=(0, 1, 2)))(q, k, v)
+  theirs = jax.value_and_grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=same_segment, is_causal=True, implementation='xla')), argnums=(0, 1, 2))(
+          q, k, v)
+  np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5)
+  for name, mine, reference in zip('qkv', ours[1], theirs[1]):
+    np.testing.assert_allclose(mine, reference, atol=2e-5, err_msg=f'd{name}')
+
+
+def test_blockwise_without_segments_and_in_bfloat16():
+  q, k, v, _ = _inputs(q_len=32, kv_len=32)
+  index = _arange(2, 32)
+  expected = numpy_attention(q, k, v, index, index)
+  out = blockwise_attention.blockwise_attention(q, k, v, block_size=8)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
+  low = blockwise_attention.blockwise_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)),
+                                                block_size=8)
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(low.astype(np.float32), expected, atol=5e-2)
+
+
+def test_blockwise_sharded_over_mesh_matches_numpy():
+  q, k, v, segments = _inputs(batch=2, q_len=16, kv_len=16, num_heads=4, num_kv_heads=2)
+  mesh = sharding.create_mesh((2, 2, 2))
+  with sharding.activate(mesh, sharding.DEFAULT_RULES):
+    out = jax.jit(lambda q, k, v, s: ak.dot_product_attention(
+        q, k, v, None, None, s, s, kernel='blockwise'))(q, k, v, segments)
+  index = _arange(2, 16)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, index, index, segments, segments),
+                             atol=1e-5)
+
+
+def test_blockwise_refuses_cross_attention_lengths():
+  q, k, v, _ = _inputs(q_len=4, kv_len=16)
+  with pytest.raises(ValueError, match='got 4 queries and 16 keys'):
+    blockwise_attention.blockwise_attention(q, k, v)

@@ -21,7 +21,8 @@ def test_config_file_builds(name):
   model_config = model_lib.from_config_dict(config.model)
   assert model_lib.get_preset(config.model.preset, dtype=model_config.dtype,
                               remat_policy=model_config.remat_policy,
-                              scan_layers=model_config.scan_layers) == model_config
+                              scan_layers=model_config.scan_layers,
+                              attention_kernel=model_config.attention_kernel) == model_config
   assert config.data.seq_len <= model_config.max_seq_len
   for section in ('model', 'data', 'optim', 'train', 'eval', 'checkpoint', 'mesh', 'decode'):
     assert section in config, section

@@ -125,4 +125,5 @@ def test_sharded_forward_matches_single_device(params, mesh_shape):
         sharded_params, tokens)
   # The sharding rules really split the weights across devices.
   assert len(sharded_params['layers']['mlp']['up_proj'].sharding.device_set) == 8
-  np.testing.assert_allclose(logits, forward(params, tokens), atol=1e-5)
+  # Split contractions sum in another order: float32 rounding, relative to the logit size.
+  np.testing.assert_allclose(logits, forward(params, tokens), rtol=1e-5, atol=1e-5)

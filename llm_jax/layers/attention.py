@@ -8,12 +8,12 @@ position p attends to slots <= p; slots beyond p (stale padding) are never visib
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.layers import attention_kernels
 from llm_jax.layers import rope
+from llm_jax.layers.projection import project
 
 
 def write_to_cache(cache, update, positions):
@@ -58,9 +58,9 @@ class Attention(nn.Module):
 
     x = x.astype(self.dtype)
     inv_freq = rope.inverse_frequencies(h, self.rope_theta, self.rope_scaling)
-    query = rope.apply_rope(jnp.einsum('BTD,DNH->BTNH', x, wq), positions, inv_freq)
-    key = rope.apply_rope(jnp.einsum('BTD,DKH->BTKH', x, wk), positions, inv_freq)
-    value = jnp.einsum('BTD,DKH->BTKH', x, wv)
+    query = rope.apply_rope(project(x, wq), positions, inv_freq)  # [B, T, N, H]
+    key = rope.apply_rope(project(x, wk), positions, inv_freq)  # [B, T, K, H]
+    value = project(x, wv)
     query = nn.with_logical_constraint(query, ('act_batch', 'act_seq', 'act_heads', None))
     key = nn.with_logical_constraint(key, ('act_batch', 'act_seq', 'act_kv_heads', None))
     value = nn.with_logical_constraint(value, ('act_batch', 'act_seq', 'act_kv_heads', None))
@@ -81,4 +81,4 @@ class Attention(nn.Module):
       new_cache = {'k': cache_k, 'v': cache_v}
     out = checkpoint_name(out, 'attention_out')
     out = nn.with_logical_constraint(out, ('act_batch', 'act_seq', 'act_heads', None))
-    return jnp.einsum('BTNH,NHD->BTD', out, wo), new_cache
+    return project(out, wo, contracting=2), new_cache  # [B, T, D]

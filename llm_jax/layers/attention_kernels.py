@@ -7,6 +7,9 @@ documents never see each other). Softmax is always computed in float32.
 
 Kernels (ModelConfig.attention_kernel):
   xla     einsum reference; any backend, any index (also used for decoding with a cache).
+  blockwise  flash-attention algorithm in plain XLA ops (`blockwise_attention`): skips the
+          masked upper triangle block by block and recomputes probabilities in the backward
+          pass instead of storing them. Any backend; the fast kernel on CPUs.
   cudnn   cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
           bfloat16/float16). Segment ids become a dense [B, 1, T, S] mask that cuDNN adds as a
           bias: correct, but it costs T*S memory per sequence and skips no masked blocks.
@@ -26,8 +29,9 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm_jax import sharding
+from llm_jax.layers import blockwise_attention
 
-KERNELS = ('xla', 'cudnn', 'splash')
+KERNELS = ('xla', 'blockwise', 'cudnn', 'splash')
 _SPLASH_MIN_LEN = 128  # TPU vector lanes: splash tiles are multiples of 128 positions
 # Large negative instead of -inf so fully masked rows (padding) give finite values, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -159,6 +163,8 @@ def dot_product_attention(q, k, v, q_index, kv_index, q_segment_ids: Optional[ja
   """Dispatches to the attention kernel named by the model config (see the module docstring)."""
   if kernel == 'xla':
     return xla_attention(q, k, v, q_index, kv_index, q_segment_ids, kv_segment_ids)
+  if kernel == 'blockwise':
+    return blockwise_attention.blockwise_attention(q, k, v, q_segment_ids)
   if kernel == 'cudnn':
     return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
   if kernel == 'splash':

@@ -3,6 +3,8 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from llm_jax.layers.projection import project
+
 
 class Embedder(nn.Module):
   """Maps token ids to vectors, and (tied case) vectors back to vocabulary logits."""
@@ -24,5 +26,5 @@ class Embedder(nn.Module):
     return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
   def decode(self, x):  # x: [B, T, D] -> float32 logits [B, T, V]
-    return jnp.einsum('BTD,VD->BTV', x.astype(self.dtype), self.embedding.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return project(x.astype(self.dtype), self.embedding.astype(self.dtype),
+                   kernel_transposed=True, preferred_element_type=jnp.float32)

@@ -4,6 +4,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llm_jax.layers.projection import project
+
 
 class Mlp(nn.Module):
   """Gated MLP with SiLU activation, as in Llama."""
@@ -24,6 +26,6 @@ class Mlp(nn.Module):
     up = kernel('up_proj', (embed_dim, self.mlp_dim), ('embed', 'mlp'))
     down = kernel('down_proj', (self.mlp_dim, embed_dim), ('mlp', 'embed'))
     x = x.astype(self.dtype)
-    hidden = jax.nn.silu(jnp.einsum('BTD,DF->BTF', x, gate)) * jnp.einsum('BTD,DF->BTF', x, up)
+    hidden = jax.nn.silu(project(x, gate)) * project(x, up)  # [B, T, F]
     hidden = nn.with_logical_constraint(hidden, ('act_batch', 'act_seq', 'act_mlp'))
-    return jnp.einsum('BTF,FD->BTD', hidden, down)
+    return project(hidden, down)
