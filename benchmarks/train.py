@@ -26,6 +26,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
 from llm_jax import flops
+from llm_jax import host_memory
 from llm_jax import model as model_lib
 from llm_jax import optim
 from llm_jax import sharding
@@ -131,6 +132,8 @@ def _row(name, times, tokens, flops_per_token, peak, memory_bytes, memory_note='
 
 def main(argv):
   del argv
+  # As llm_jax.main does; it applies to the whole process, so PyTorch's step benefits too.
+  host_memory.retain_freed_memory()
   kernel = _KERNEL.value or default.get_config().model.attention_kernel
   model_config = model_lib.get_preset(_PRESET.value, dtype=_DTYPE.value,
                                       remat_policy=_REMAT.value, attention_kernel=kernel,

@@ -13,6 +13,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from llm_jax import host_memory
 from llm_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
@@ -33,6 +34,8 @@ def _runs_on_several_hosts() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Before JAX starts its threads: XLA:CPU's per-step temporaries then reuse heap pages.
+  host_memory.retain_freed_memory()
   distributed = _DISTRIBUTED.value
   if distributed is None:
     distributed = _runs_on_several_hosts()
