@@ -5,7 +5,8 @@ the tiny preset's train step at batch 16 x 256) and frees it when the step ends.
 an allocation that large with a fresh `mmap` and returns it with `munmap`, so every step
 page-faults through the whole buffer again while the kernel zeroes it: on a 2-core VM that was
 ~0.2 s of system time in a 0.45 s step. Keeping freed memory in the heap lets the next step
-reuse the same pages.
+reuse the same pages (now and then the heap still grows by one buffer, when a step allocates
+before the previous step's buffer has been freed on a worker thread).
 """
 
 import ctypes
