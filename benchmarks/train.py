@@ -132,8 +132,9 @@ def _row(name, times, tokens, flops_per_token, peak, memory_bytes, memory_note='
 
 def main(argv):
   del argv
-  # As llm_jax.main does; it applies to the whole process, so PyTorch's step benefits too.
-  host_memory.retain_freed_memory()
+  if host_memory.runs_on_cpu_only():
+    # As llm_jax.main does; it applies to the whole process, so PyTorch's step benefits too.
+    host_memory.retain_freed_memory()
   kernel = _KERNEL.value or default.get_config().model.attention_kernel
   model_config = model_lib.get_preset(_PRESET.value, dtype=_DTYPE.value,
                                       remat_policy=_REMAT.value, attention_kernel=kernel,

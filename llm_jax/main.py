@@ -34,8 +34,9 @@ def _runs_on_several_hosts() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Before JAX starts its threads: XLA:CPU's per-step temporaries then reuse heap pages.
-  host_memory.retain_freed_memory()
+  if host_memory.runs_on_cpu_only():
+    # Before JAX starts its threads: XLA:CPU's per-step temporaries then reuse heap pages.
+    logging.info('keeping freed host memory for reuse: %s', host_memory.retain_freed_memory())
   distributed = _DISTRIBUTED.value
   if distributed is None:
     distributed = _runs_on_several_hosts()

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 
 from llm_jax import sharding
 from llm_jax.layers import attention_kernels as ak
@@ -143,17 +144,19 @@ def test_blockwise_matches_numpy_with_packed_segments(q_len, block_size):
                              atol=1e-5)
 
 
-def test_blockwise_gradients_match_jax_nn_attention():
-  # 4 query heads share 2 key/value heads; rows hold two or three packed documents.
-  q, k, v, segments = _inputs(q_len=32, kv_len=32)
+@pytest.mark.parametrize('num_kv_heads', [1, 2])
+def test_blockwise_gradients_match_jax_nn_attention(num_kv_heads):
+  # 19 positions in blocks of 8 (8 + 8 + 3): dk and dv accumulate over three query blocks;
+  # 4 query heads share 1 or 2 key/value heads; rows hold two or three packed documents.
+  q, k, v, segments = _inputs(q_len=19, kv_len=19, num_kv_heads=num_kv_heads)
   same_segment = (segments[:, :, None] == segments[:, None, :])[:, None]  # [B, 1, T, S]
   weights = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
 
   def loss(attention):
     return lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
 
-  ours = jax.jit(jax.value_and_grad(loss(lambda q, k, v: ak.dot_product_attention(
-      q, k, v, None, None, segments, segments, kernel='blockwise')), argnums=(0, 1, 2)))(q, k, v)
+  ours = jax.jit(jax.value_and_grad(loss(lambda q, k, v: blockwise_attention.blockwise_attention(
+      q, k, v, segments, block_size=8)), argnums=(0, 1, 2)))(q, k, v)
   theirs = jax.value_and_grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, mask=same_segment, is_causal=True, implementation='xla')), argnums=(0, 1, 2))(
           q, k, v)
@@ -174,13 +177,20 @@ def test_blockwise_without_segments_and_in_bfloat16():
   np.testing.assert_allclose(low.astype(np.float32), expected, atol=5e-2)
 
 
-def test_blockwise_sharded_over_mesh_matches_numpy():
-  q, k, v, segments = _inputs(batch=2, q_len=16, kv_len=16, num_heads=4, num_kv_heads=2)
-  mesh = sharding.create_mesh((2, 2, 2))
-  with sharding.activate(mesh, sharding.DEFAULT_RULES):
-    out = jax.jit(lambda q, k, v, s: ak.dot_product_attention(
-        q, k, v, None, None, s, s, kernel='blockwise'))(q, k, v, segments)
-  index = _arange(2, 16)
+@pytest.mark.parametrize('mesh_shape', [(2, 2, 2), (2, 1, 4)])
+def test_blockwise_sharded_over_mesh_matches_numpy(mesh_shape):
+  # (2, 1, 4): the tensor axis splits the 4 query heads but not the 2 key/value heads.
+  q, k, v, segments = _inputs(batch=2, q_len=40, kv_len=40, num_heads=4, num_kv_heads=2)
+  mesh = sharding.create_mesh(mesh_shape)
+  rules = sharding.DEFAULT_RULES
+  with sharding.activate(mesh, rules):
+    _, q_spec, kv_spec = ak._head_specs(q, k)
+    q = jax.device_put(q, NamedSharding(mesh, q_spec))
+    k, v = (jax.device_put(x, NamedSharding(mesh, kv_spec)) for x in (k, v))
+    out = jax.jit(lambda q, k, v, s: blockwise_attention.blockwise_attention(
+        q, k, v, s, block_size=16))(q, k, v, segments)
+  assert len(q.sharding.device_set) == 8
+  index = _arange(2, 40)
   np.testing.assert_allclose(out, numpy_attention(q, k, v, index, index, segments, segments),
                              atol=1e-5)
 
@@ -189,3 +199,9 @@ def test_blockwise_refuses_cross_attention_lengths():
   q, k, v, _ = _inputs(q_len=4, kv_len=16)
   with pytest.raises(ValueError, match='got 4 queries and 16 keys'):
     blockwise_attention.blockwise_attention(q, k, v)
+  q, k, v, _ = _inputs(q_len=16, kv_len=16)
+  with pytest.raises(ValueError, match='block_size must be positive, got 0'):
+    blockwise_attention.blockwise_attention(q, k, v, block_size=0)
+  with pytest.raises(ValueError, match='4 query heads are not a multiple of 3'):
+    blockwise_attention.blockwise_attention(q, k[:, :, :1].repeat(3, axis=2),
+                                            v[:, :, :1].repeat(3, axis=2))

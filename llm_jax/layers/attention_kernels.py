@@ -160,7 +160,11 @@ def splash_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, interpret
 
 def dot_product_attention(q, k, v, q_index, kv_index, q_segment_ids: Optional[jax.Array] = None,
                           kv_segment_ids: Optional[jax.Array] = None, kernel: str = 'xla'):
-  """Dispatches to the attention kernel named by the model config (see the module docstring)."""
+  """Dispatches to the attention kernel named by the model config (see the module docstring).
+
+  Only `xla` reads q_index/kv_index: the fused kernels assume self-attention with indices
+  arange(T), and `blockwise` uses the query segment ids for both sides.
+  """
   if kernel == 'xla':
     return xla_attention(q, k, v, q_index, kv_index, q_segment_ids, kv_segment_ids)
   if kernel == 'blockwise':

@@ -14,7 +14,10 @@ model. This kernel follows the flash-attention algorithm in plain XLA ops instea
 
 It honours segment ids (packed documents) inside every block and, like the other fused kernels,
 assumes self-attention over the whole sequence (q_index == kv_index == arange(T)). It is pure
-XLA, so it runs and is partitioned by XLA on any backend; it is the fast kernel on CPUs.
+XLA, so it runs and is partitioned by XLA on any backend; it is the fast kernel on CPUs. When
+the tensor axis splits the query heads but not the key/value heads, XLA gathers the heads
+around it (correct, but slower than `splash`/`cudnn`, which repeat the key/value heads). The
+custom VJP rules out forward-mode autodiff (`jax.jvp`, `jax.jacfwd`): use the `xla` kernel there.
 """
 
 import functools
@@ -127,7 +130,12 @@ def blockwise_attention(q, k, v, segment_ids: Optional[jax.Array] = None,
   if k.shape[1] != seq_len:
     raise ValueError(f'blockwise attention is self-attention over the whole sequence; got '
                      f'{seq_len} queries and {k.shape[1]} keys (use the xla kernel with a cache)')
-  block_size = block_size or default_block_size(seq_len)
+  if num_heads % num_kv_heads:
+    raise ValueError(f'blockwise attention: {num_heads} query heads are not a multiple of '
+                     f'{num_kv_heads} key/value heads')
+  block_size = default_block_size(seq_len) if block_size is None else block_size
+  if block_size < 1:
+    raise ValueError(f'blockwise attention: block_size must be positive, got {block_size}')
   # Heads before positions, so every einsum is a plain batched matmul over (B, K).
   q = q.reshape(batch, seq_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
   q = q.transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
