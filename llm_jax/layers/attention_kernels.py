@@ -30,19 +30,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llm_jax import sharding
 from llm_jax.layers import blockwise_attention
+from llm_jax.layers.attention_mask import make_attention_mask
 
 KERNELS = ('xla', 'blockwise', 'cudnn', 'splash')
 _SPLASH_MIN_LEN = 128  # TPU vector lanes: splash tiles are multiples of 128 positions
 # Large negative instead of -inf so fully masked rows (padding) give finite values, not NaN.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-
-
-def make_attention_mask(q_index, kv_index, q_segment_ids=None, kv_segment_ids=None):
-  """Boolean mask [B, T, S]: causal by index, and same-segment when segment ids are given."""
-  mask = kv_index[:, None, :] <= q_index[:, :, None]
-  if q_segment_ids is not None:
-    mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  return mask
 
 
 def xla_attention(q, k, v, q_index, kv_index, q_segment_ids=None, kv_segment_ids=None):

@@ -27,6 +27,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from llm_jax.layers.attention_mask import make_attention_mask
+
 _MIN_BLOCK = 32  # smaller blocks cost more in per-op overhead than they save in skipped work
 _MAX_BLOCKS = 16  # bounds the unrolled ops (and compile time) for long sequences
 
@@ -38,10 +40,10 @@ def default_block_size(seq_len: int) -> int:
 
 def _block_mask(start: int, end: int, segment_ids):
   """Visible keys of query rows [start, end): [B or 1, 1, 1, C, end] booleans."""
-  mask = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # [C, S]
-  mask = mask[None]
+  segments = (None, None)
   if segment_ids is not None:
-    mask = mask & (segment_ids[:, start:end, None] == segment_ids[:, None, :end])
+    segments = (segment_ids[:, start:end], segment_ids[:, :end])
+  mask = make_attention_mask(jnp.arange(start, end)[None], jnp.arange(end)[None], *segments)
   return mask[:, None, None]
 
 
