@@ -28,7 +28,7 @@ import transformers
 from absl import app
 from absl import flags
 
-from llm_jax import decode
+from llm_jax.inference import decode
 from llm_jax import model as model_lib
 from llm_jax.convert import save_hf
 

@@ -21,9 +21,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import model as model_lib
-from llm_jax import optim
+from llm_jax.training import optim
 from llm_jax import sharding
-from llm_jax import train_steps
+from llm_jax.training import steps as train_steps
 from llm_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training config.')

@@ -25,12 +25,12 @@ from absl import flags
 # configs/ lives in the checkout, not in the installed package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
-from llm_jax import flops
+from llm_jax.tools import flops
 from llm_jax import host_memory
 from llm_jax import model as model_lib
-from llm_jax import optim
+from llm_jax.training import optim
 from llm_jax import sharding
-from llm_jax import train_steps
+from llm_jax.training import steps as train_steps
 
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'Model preset (llm_jax.model.PRESETS).')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Global batch size.')

@@ -8,7 +8,7 @@ peak, weight decay 0.1, clipping 1.0, 4096-token context, 4M-token global batche
         --config.data.tokenizer_path=/path/tokenizer.model
 """
 
-from configs import common
+from llm_jax import config_sections as common
 
 
 def get_config(arg=None):

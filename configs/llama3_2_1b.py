@@ -9,7 +9,7 @@ clipping 1.0, cosine decay to 1% of the peak) with peak lr 3e-4 and a 4096-token
         --config.data.tokenizer_path=/path/tokenizer.json
 """
 
-from configs import common
+from llm_jax import config_sections as common
 
 
 def get_config(arg=None):

@@ -9,7 +9,7 @@ the full schedule only for 405B (Dubey et al. 2024, sec. 3.4.1: linear warmup, c
         --config.data.tokenizer_path=/path/tokenizer.json
 """
 
-from configs import common
+from llm_jax import config_sections as common
 
 
 def get_config(arg=None):

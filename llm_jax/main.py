@@ -1,6 +1,6 @@
 """Entry point: python -m llm_jax.main --config=configs/default.py --workdir=DIR.
 
-Parses flags only; everything else lives in llm_jax.train so notebooks can call it directly.
+Parses flags only; everything else lives in llm_jax.training.loop so notebooks can call it directly.
 Override any config key on the command line, e.g. --config.optim.learning_rate=1e-3, and pick
 presets with --config=configs/llama3_8b.py:arg.
 """
@@ -14,7 +14,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from llm_jax import host_memory
-from llm_jax import train
+from llm_jax.training import loop as train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                           lock_config=True)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from configs import default
-from llm_jax import aot
-from llm_jax import memory
+from llm_jax.tools import aot
+from llm_jax.tools import memory
 from llm_jax import model as model_lib
-from llm_jax import optim
+from llm_jax.training import optim
 from llm_jax import sharding
-from llm_jax import train_steps
+from llm_jax.training import steps as train_steps
 
 GIB = 1024 ** 3
 

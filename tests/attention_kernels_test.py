@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import NamedSharding
 
 from llm_jax import sharding
-from llm_jax.layers import attention_kernels as ak
-from llm_jax.layers import blockwise_attention
+from llm_jax.model.layers import attention_kernels as ak
+from llm_jax.model.layers import blockwise_attention
 
 
 def numpy_attention(q, k, v, q_index, kv_index, q_segments=None, kv_segments=None):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from llm_jax import decode
+from llm_jax.inference import decode
 from llm_jax.convert import load_hf
 
 NUM_BEAMS, MAX_NEW = 4, 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from llm_jax import decode
+from llm_jax.inference import decode
 from llm_jax import model as model_lib
 from llm_jax.convert import load_hf
 

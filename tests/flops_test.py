@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from llm_jax import flops
+from llm_jax.tools import flops
 from llm_jax import model as model_lib
 
 # V=10, D=4, L=2, N=2, K=1, H=2, F=6.

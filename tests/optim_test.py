@@ -8,7 +8,7 @@ import pytest
 
 from configs import default
 from llm_jax import model as model_lib
-from llm_jax import optim
+from llm_jax.training import optim
 
 
 def _optim_config(**overrides):

@@ -10,9 +10,9 @@ from hypothesis import assume, given, settings, strategies as st
 from jax.sharding import PartitionSpec
 from transformers.generation import logits_process
 
-from llm_jax import decode
+from llm_jax.inference import decode
 from llm_jax import model as model_lib
-from llm_jax import sampling
+from llm_jax.inference import sampling
 from llm_jax import sharding
 
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -4,7 +4,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec
 
-from configs import common
+from llm_jax import config_sections as common
 from configs import default
 from llm_jax import sharding
 

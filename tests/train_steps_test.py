@@ -6,11 +6,11 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from configs import default
-from llm_jax import checkpoint
+from llm_jax.training import checkpoint
 from llm_jax import model as model_lib
-from llm_jax import optim
+from llm_jax.training import optim
 from llm_jax import sharding
-from llm_jax import train_steps
+from llm_jax.training import steps as train_steps
 
 RULES = sharding.DEFAULT_RULES
 BATCH, SEQ = 8, 32

@@ -20,7 +20,7 @@ from absl import flags
 from absl import logging
 import jax
 
-from llm_jax import checkpoint
+from llm_jax.training import checkpoint
 from llm_jax import model as model_lib
 from llm_jax.convert import hf
 

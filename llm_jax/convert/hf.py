@@ -30,8 +30,8 @@ import jax
 import numpy as np
 
 from llm_jax.convert import safetensors_io
-from llm_jax.layers.rope import RopeScaling
-from llm_jax.model import ModelConfig
+from llm_jax.model.layers.rope import RopeScaling
+from llm_jax.model.config import ModelConfig
 
 ARCHITECTURE = 'LlamaForCausalLM'
 CONFIG_FILE = 'config.json'

@@ -29,8 +29,8 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm_jax import sharding
-from llm_jax.layers import blockwise_attention
-from llm_jax.layers.attention_mask import make_attention_mask
+from llm_jax.model.layers import blockwise_attention
+from llm_jax.model.layers.attention_mask import make_attention_mask
 
 KERNELS = ('xla', 'blockwise', 'cudnn', 'splash')
 _SPLASH_MIN_LEN = 128  # TPU vector lanes: splash tiles are multiples of 128 positions

@@ -17,7 +17,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from llm_jax.model import ModelConfig
+from llm_jax.model.config import ModelConfig
 
 # Dense bfloat16 peak FLOP/s of one chip (the unit jax exposes as one device, except TPU v4 in a
 # compile-only topology, which exposes each of its two cores).

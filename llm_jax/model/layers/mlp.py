@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llm_jax.layers.projection import project
+from llm_jax.model.layers.projection import project
 
 
 class Mlp(nn.Module):

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from llm_jax import flops
+from llm_jax.tools import flops
 from llm_jax import model as model_lib
 from llm_jax import sharding
 

@@ -1,4 +1,4 @@
-"""`python -m llm_jax.generate` on a tiny Hugging Face directory, and the chat templates.
+"""`python -m llm_jax.sample` on a tiny Hugging Face directory, and the chat templates.
 
 The templates are checked against the Jinja chat templates published with Meta's Llama 2 and
 Llama 3 Hugging Face checkpoints, rendered with jinja2.
@@ -17,7 +17,7 @@ import torch
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from llm_jax import chat_templates
+from llm_jax.data import chat_templates
 from llm_jax.data import tokenizer as tokenizer_lib
 
 LLAMA3_SPECIAL = ['<|begin_of_text|>', '<|end_of_text|>', '<|start_header_id|>',
@@ -109,7 +109,7 @@ def test_chat_keeps_the_conversation_across_turns(tmp_path):
   make_hf_directory(str(tmp_path))
   transcript = tmp_path / 'chat.json'
   result = subprocess.run(
-      [sys.executable, '-m', 'llm_jax.generate', f'--hf_dir={tmp_path}', '--chat',
+      [sys.executable, '-m', 'llm_jax.sample', f'--hf_dir={tmp_path}', '--chat',
        '--system=Answer briefly.', '--max_new_tokens=6', '--chunk_size=4', '--temperature=0',
        f'--transcript={transcript}'],
       input='hello there\nwhat is next?\n', capture_output=True, text=True, timeout=300,

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm_jax import beam_search
+from llm_jax.inference import beam_search
 from llm_jax import model as model_lib
-from llm_jax import sampling
+from llm_jax.inference import sampling
 from llm_jax import sharding
 
 PAD_ID = 0  # what a finished sequence "emits"; never returned to the caller

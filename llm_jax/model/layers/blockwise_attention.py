@@ -27,7 +27,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from llm_jax.layers.attention_mask import make_attention_mask
+from llm_jax.model.layers.attention_mask import make_attention_mask
 
 _MIN_BLOCK = 32  # smaller blocks cost more in per-op overhead than they save in skipped work
 _MAX_BLOCKS = 16  # bounds the unrolled ops (and compile time) for long sequences

@@ -10,7 +10,7 @@ import jax
 from absl import logging
 from tensorboardX import SummaryWriter
 
-from llm_jax import flops
+from llm_jax.tools import flops
 
 
 def perplexity(loss: float) -> float:

@@ -20,7 +20,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from llm_jax import sampling
+from llm_jax.inference import sampling
 
 _NEG = -1.0e9  # "impossible" score, as in transformers (not -inf: it must survive arithmetic)
 

@@ -1,4 +1,8 @@
-"""Shared pieces of the config files: sections with their defaults and preset parsing."""
+"""The config files' building blocks: every section with its defaults, and preset parsing.
+
+Lives in the package, not in configs/, so that a config file passed by absolute path works
+from any directory after a plain `pip install .`.
+"""
 
 import ml_collections
 
@@ -49,8 +53,7 @@ def pretraining_config(preset: str, *, seq_len: int, global_batch_size: int, num
                        learning_rate: float, warmup_steps: int, end_lr_ratio: float,
                        tokenizer: str, tokenizer_path: str, adam_eps: float = 1e-8):
   """An accelerator pretraining config: bf16 compute, FSDP over all chips, C4 from TFDS."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
+  config = default_config()
   config.model = model_section(preset, dtype='bfloat16',
                                remat_policy='dots_with_no_batch_dims_saveable')
   config.data.dataset = 'tfds'
@@ -80,4 +83,75 @@ def pretraining_config(preset: str, *, seq_len: int, global_batch_size: int, num
   config.checkpoint.keep = 3
   config.mesh = mesh_section(shape=(1, -1, 1))  # FSDP over every chip
   config.decode.temperature = 0.7
+  return config
+
+
+def default_config(arg=None) -> ml_collections.ConfigDict:
+  """The default config (configs/default.py); `arg` may name another model preset (`:tiny`)."""
+  args = parse_arg(arg, preset='tiny')
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Unrolled layers: ~15% faster steps on a CPU than nn.scan, and 4 layers compile quickly.
+  # Blockwise attention skips the masked half of the scores and stores none of them: the
+  # fastest kernel on a CPU, and exact on any backend.
+  config.model = model_section(args.preset, scan_layers=False,
+                                      attention_kernel='blockwise')
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = 'stdlib'  # stdlib | text_files | tfds
+  config.data.tfds_name = ''  # for dataset=tfds, e.g. 'lm1b' or 'c4/en:3.0.1'
+  config.data.tfds_data_dir = ''  # '' = TFDS default
+  config.data.text_feature = 'text'  # for dataset=tfds: the feature holding the text
+  config.data.text_glob = ''  # for dataset=text_files: local .txt / .jsonl files
+  config.data.jsonl_field = 'text'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.seq_len = 256
+  config.data.global_batch_size = 16
+  config.data.eval_batch_size = 16
+  config.data.packing = True  # False: one document per row, padded
+  config.data.shuffle_seed = 0
+  config.data.num_workers = 0  # grain worker processes; 0 = in-process
+  config.data.tokenizer = 'train_spm'  # train_spm | sentencepiece | huggingface
+  config.data.tokenizer_path = ''  # .model or tokenizer.json; for train_spm, '' = workdir
+  config.data.tokenizer_train_bytes = 4_000_000  # text used to train the SentencePiece model
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 3e-3
+  config.optim.warmup_steps = 50
+  config.optim.schedule = 'cosine'  # cosine | linear | constant
+  config.optim.end_lr_ratio = 0.1
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.1
+  config.optim.decay_embeddings = False
+  config.optim.grad_clip_norm = 1.0
+  config.optim.z_loss = 0.0
+  config.optim.grad_accum_steps = 1
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 300
+  config.train.log_every = 25
+  config.train.nonfinite = 'skip'  # skip | stop: what a NaN/Inf loss or gradient does
+  config.train.init_from = ''  # Orbax checkpoint dir (e.g. from llm_jax.convert) to fine-tune
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.every_steps = 100
+  config.eval.num_batches = 16  # 0 = the whole validation split
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 100
+  config.checkpoint.keep = 2
+  config.checkpoint.async_save = True
+
+  config.mesh = mesh_section()
+
+  config.decode = ml_collections.ConfigDict()
+  config.decode.prompts = ('import os\n', 'def main(', 'class ')
+  config.decode.max_new_tokens = 48
+  config.decode.temperature = 0.8
+  config.decode.top_k = 40
+  config.decode.top_p = 0.95
   return config

@@ -11,9 +11,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from llm_jax.layers import attention_kernels
-from llm_jax.layers import rope
-from llm_jax.layers.projection import project
+from llm_jax.model.layers import attention_kernels
+from llm_jax.model.layers import rope
+from llm_jax.model.layers.projection import project
 
 
 def write_to_cache(cache, update, positions):

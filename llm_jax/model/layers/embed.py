@@ -3,7 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm_jax.layers.projection import project
+from llm_jax.model.layers.projection import project
 
 
 class Embedder(nn.Module):

@@ -1,10 +1,10 @@
 """Command line text generation and chat from a training workdir or a Hugging Face directory.
 
-    python -m llm_jax.generate --workdir=/tmp/run --prompt='def main('
-    python -m llm_jax.generate --hf_dir=/ckpt/Llama-3.2-1B-Instruct --chat --system='Be brief.'
+    python -m llm_jax.sample --workdir=/tmp/run --prompt='def main('
+    python -m llm_jax.sample --hf_dir=/ckpt/Llama-3.2-1B-Instruct --chat --system='Be brief.'
 
 Text is printed as it is produced: the compiled decode loop runs in chunks of --chunk_size
-tokens, carrying the KV cache from chunk to chunk (see `llm_jax.decode.stream`); smaller chunks
+tokens, carrying the KV cache from chunk to chunk (see `llm_jax.inference.decode.stream`); smaller chunks
 show text sooner, larger ones waste less time at chunk boundaries. Beam search (--num_beams > 1)
 and several --prompt flags print each result when it is complete.
 
@@ -23,9 +23,9 @@ from typing import Iterable
 from absl import app
 from absl import flags
 
-from llm_jax import chat_templates
-from llm_jax import checkpoint
-from llm_jax import decode
+from llm_jax.data import chat_templates
+from llm_jax.training import checkpoint
+from llm_jax.inference import decode
 from llm_jax import sharding
 from llm_jax.convert import load_hf
 from llm_jax.data import tokenizer as tokenizer_lib

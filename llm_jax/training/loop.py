@@ -19,13 +19,13 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from llm_jax import checkpoint
-from llm_jax import memory
-from llm_jax import metrics as metrics_lib
+from llm_jax.training import checkpoint
+from llm_jax.tools import memory
+from llm_jax.training import metrics as metrics_lib
 from llm_jax import model as model_lib
-from llm_jax import optim
+from llm_jax.training import optim
 from llm_jax import sharding
-from llm_jax import train_steps
+from llm_jax.training import steps as train_steps
 from llm_jax.data import pipeline
 
 NONFINITE_POLICIES = ('skip', 'stop')
@@ -123,7 +123,7 @@ def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -
   prompts = list(config.decode.prompts)
   if not prompts:
     return []
-  from llm_jax import decode  # pylint: disable=g-import-not-at-top
+  from llm_jax.inference import decode  # pylint: disable=g-import-not-at-top
   texts = decode.generate(
       model_config, params, prompts, tokenizer=tokenizer, mesh=mesh, rules=rules,
       max_new_tokens=config.decode.max_new_tokens, temperature=config.decode.temperature,

@@ -1,0 +1,1 @@
+"""Inference: prefill and the compiled decode loop, sampling, beam search, generate()."""

@@ -1,0 +1,1 @@
+"""Tools that need no accelerator: ahead-of-time compilation, FLOPs, memory estimates."""

@@ -1,0 +1,1 @@
+"""Training: state and steps, the loop, optimizer, checkpoints, preemption, metrics."""
