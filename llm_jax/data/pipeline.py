@@ -1,16 +1,17 @@
 """The input pipeline the training loop calls: tokenizer, training batches, evaluation batches.
 
-Training: a process reads only its shard of the train split's documents (grain ShardOptions over
-process_index / process_count), shuffles them with a seed (reshuffled every epoch, epochs
-repeat forever), tokenises them (BOS + text + EOS) and packs them into rows (see packing.py).
-Row b of every local batch comes from its own packed stream (documents b, b + B, ... of the
-shuffled order), so a batch mixes B documents. A background thread (or grain worker processes,
+Training: the train split's documents are shuffled with a seed (reshuffled every epoch, epochs
+repeat forever), tokenised (BOS + text + EOS) and packed into rows (see packing.py). Row b of
+every global batch comes from its own packed stream (documents b, b + B, ... of the shuffled
+order), so a batch mixes B documents; a process reads and packs only the streams of its own
+rows, so the global batch does not depend on the number of processes. A background thread (or grain worker processes,
 `config.data.num_workers`) prepares batches while the model trains.
 
 The iterator's `get_state()` is a JSON-serialisable dict (ints, lists, dicts); `set_state()`
-restores it and the identical batch sequence follows. The state does not depend on the number
-of devices, only on the local batch size (global_batch_size / process_count), seq_len, packing,
-the seeds and num_workers (with worker processes it holds one state per worker).
+restores it and the identical batch sequence follows. Each process has its own state (its own
+rows), saved and restored per process by the checkpoint. The state does not depend on the
+number of devices, only on the process's rows, seq_len, packing, the seeds and num_workers
+(with worker processes it holds one state per worker).
 
 Evaluation: every process reads the validation split in its stored order, packs whole
 documents into global batches and keeps its rows of each, so all processes run the same number
@@ -28,6 +29,7 @@ from etils import epath
 import grain
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm_jax import sharding as sharding_lib
 from llm_jax.data import packing as packing_lib
@@ -72,6 +74,27 @@ def _training_texts(data_config, num_bytes: int) -> Iterator[str]:
     yield text
 
 
+def _trained_tokenizer(data_config, path: str, model_vocab_size: int):
+  """Loads the run's SentencePiece model, training it first (on process 0) if it is missing."""
+  exists = epath.Path(path).exists()
+  if jax.process_count() > 1:  # process 0's view decides, so no process waits alone
+    exists = bool(multihost_utils.broadcast_one_to_all(np.int32(exists)))
+  if exists:
+    return tokenizer_lib.load_tokenizer(path, 'sentencepiece')
+  tokenizer = None
+  if jax.process_index() == 0:
+    texts = list(_training_texts(data_config, data_config.tokenizer_train_bytes))
+    num_bytes = sum(len(text.encode('utf-8')) for text in texts)
+    logging.info('Training a %d-piece SentencePiece model on %d bytes (%d documents) of %s '
+                 'text%s', model_vocab_size, num_bytes, len(texts), data_config.dataset,
+                 ', the whole train split' if num_bytes < data_config.tokenizer_train_bytes
+                 else '')
+    tokenizer = tokenizer_lib.train_sentencepiece(texts, model_vocab_size, path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('llm_jax: tokenizer written')
+  return tokenizer or tokenizer_lib.load_tokenizer(path, 'sentencepiece')
+
+
 def get_tokenizer(data_config, workdir: str, model_vocab_size: int) -> tokenizer_lib.Tokenizer:
   """The run's tokenizer, checked to fit the model's vocabulary.
 
@@ -94,13 +117,7 @@ def get_tokenizer(data_config, workdir: str, model_vocab_size: int) -> tokenizer
     if not data_config.tokenizer_path and not workdir:
       raise ValueError('tokenizer=train_spm needs a workdir or config.data.tokenizer_path')
     path = data_config.tokenizer_path or os.fspath(epath.Path(workdir) / TOKENIZER_FILENAME)
-    if epath.Path(path).exists():
-      tokenizer = tokenizer_lib.load_tokenizer(path, 'sentencepiece')
-    else:
-      logging.info('Training a %d-piece SentencePiece model on %d bytes of %s text',
-                   model_vocab_size, data_config.tokenizer_train_bytes, data_config.dataset)
-      texts = _training_texts(data_config, data_config.tokenizer_train_bytes)
-      tokenizer = tokenizer_lib.train_sentencepiece(texts, model_vocab_size, path)
+    tokenizer = _trained_tokenizer(data_config, path, model_vocab_size)
   elif kind in ('sentencepiece', 'huggingface'):
     tokenizer = tokenizer_lib.load_tokenizer(data_config.tokenizer_path, kind)
   else:
@@ -140,18 +157,20 @@ def make_train_iterator(data_config, tokenizer: tokenizer_lib.Tokenizer, *, seed
   local_batch = _local_batch_size(data_config.global_batch_size, process_count,
                                   'global_batch_size')
   source = sources.open_split(data_config, data_config.train_split)
-  shard = grain.sharding.ShardOptions(process_index, process_count)
-  documents = grain.MapDataset.source(source)[shard.shard_index::shard.shard_count]
-  if not len(documents):
-    raise ValueError(f'process {process_index} of {process_count} has no training documents: '
-                     f'split {data_config.train_split!r} has {len(source)}')
-  documents = documents.shuffle(seed=_shuffle_seed(seed, data_config.shuffle_seed))
+  if not len(source):
+    raise ValueError(f'split {data_config.train_split!r} has no training documents')
+  documents = grain.MapDataset.source(source).shuffle(
+      seed=_shuffle_seed(seed, data_config.shuffle_seed))
   tokenize = _Tokenize(tokenizer, sources.text_feature(data_config))
   documents = documents.repeat(None).map(tokenize)
+  # Row r of the global batch packs documents r, r + B, r + 2B, ... of the shuffled order, and
+  # this process owns rows [process_index * local_batch, ...): each process reads only its own
+  # documents, and the global batch is the same whatever the number of processes.
   # Reading and tokenising run in the prefetch thread or worker processes, not in threads of
   # their own: the work holds the GIL, so more threads would only add switching.
-  streams = [documents[row::local_batch].to_iter_dataset(grain.ReadOptions(num_threads=0))
-             for row in range(local_batch)]
+  first_row = process_index * local_batch
+  streams = [documents[row::data_config.global_batch_size].to_iter_dataset(
+      grain.ReadOptions(num_threads=0)) for row in range(first_row, first_row + local_batch)]
   batches = packing_lib.PackedBatchIterDataset(streams, data_config.seq_len,
                                                data_config.packing, tokenizer.pad_id)
   if data_config.num_workers > 0:
@@ -244,6 +263,52 @@ def make_eval_batches(data_config, tokenizer: tokenizer_lib.Tokenizer, *, num_ba
     start = i * global_batch + process_index * local_batch
     batches.append({key: value[start:start + local_batch] for key, value in rows.items()})
   return batches, texts
+
+
+# Documents tokenised to estimate the train split's size in tokens (its first ones, which the
+# builders store in hashed, i.e. mixed, order).
+_SIZE_SAMPLE_DOCUMENTS = 256
+
+
+def corpus_epochs(data_config, tokenizer: tokenizer_lib.Tokenizer, num_steps: int) -> float:
+  """How many times a run of `num_steps` reads its train split; warns above once.
+
+  A run that repeats a small corpus memorises it: the training loss keeps falling while the
+  evaluation loss turns up. With packing the run reads global_batch_size x seq_len tokens a
+  step, compared with the split's tokens (estimated from its first documents); without, one
+  document per row.
+
+  Args:
+    data_config: the `data` section of the config.
+    tokenizer: from `get_tokenizer`.
+    num_steps: the run's training steps.
+
+  Returns:
+    The number of epochs (passes over the train split) the run makes.
+  """
+  source = sources.open_split(data_config, data_config.train_split)
+  num_documents = len(source)
+  sample = [len(tokenize_document(tokenizer, sources.document_text(
+      source[i], sources.text_feature(data_config))))
+            for i in range(min(num_documents, _SIZE_SAMPLE_DOCUMENTS))]
+  batch, seq_len = data_config.global_batch_size, data_config.seq_len
+  if data_config.packing:
+    corpus = num_documents * float(np.mean(sample)) if sample else 0.0
+    epochs = num_steps * batch * seq_len / max(corpus, 1.0)
+    reads = f'{num_steps * batch * seq_len:,} tokens ({batch} x {seq_len} x {num_steps} steps)'
+  else:
+    corpus = num_documents
+    epochs = num_steps * batch / max(num_documents, 1)
+    reads = f'{num_steps * batch:,} documents ({batch} x {num_steps} steps, packing off)'
+  size = f'{num_documents:,} documents'
+  if data_config.packing:
+    approximate = '' if len(sample) == num_documents else 'about '
+    size = f'{approximate}{corpus:,.0f} tokens in {size}'
+  if epochs > 1:
+    logging.warning('The corpus is small for this run: it reads %s, %.1f times its train split '
+                    'of %s. Expect it to overfit: add text, or lower train.num_steps or '
+                    'data.global_batch_size.', reads, epochs, size)
+  return epochs
 
 
 def to_global_batch(batch: Batch, mesh: jax.sharding.Mesh, rules) -> dict[str, jax.Array]:

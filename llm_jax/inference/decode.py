@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llm_jax.inference import beam_search
@@ -137,14 +138,17 @@ def _project(config: model_lib.ModelConfig, params, x: jax.Array) -> jax.Array:
 
 
 def prefill(config: model_lib.ModelConfig, params, tokens: jax.Array, lengths: jax.Array,
-            cache: dict) -> tuple[jax.Array, dict]:
+            cache: dict, offset=0) -> tuple[jax.Array, dict]:
   """Writes right-padded prompts tokens [B, T] into the cache; logits [B, V] after each prompt.
 
   Only the logits at each prompt's last token are computed (from the captured final-norm
   activations): the model's [B, T, V] logits are dead code that XLA drops, which matters for
-  large vocabularies.
+  large vocabularies. `offset` (an int or traced scalar) is the position of tokens[:, 0]: a
+  chunk of a longer prompt whose earlier chunks are already in the cache; `lengths` then
+  count from the chunk's start.
   """
-  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  positions = offset + jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                        tokens.shape)
   (_, cache), captured = model_lib.Transformer(config).apply(
       {'params': params}, tokens, positions=positions, cache=cache,
       capture_intermediates=_is_final_norm)
@@ -494,6 +498,31 @@ def _plan_request(config, prompts, options: sampling.GenerationOptions, eos_id, 
                cache_dtype, mesh, rules, min(tokenizer.vocab_size, config.vocab_size))
 
 
+def _global_inputs(job: _Job, config: model_lib.ModelConfig) -> tuple:
+  """The job's host inputs as global arrays when the mesh spans processes.
+
+  jit refuses numpy inputs with non-trivial shardings there; every process holds the same
+  prompts, so each one fills its own devices' shards from its copy.
+  """
+  if jax.process_count() == 1:
+    return job.inputs
+  shardings = _input_shardings(config, job.layout, job.bucket)[1:]
+  return tuple(jax.tree.map(lambda x, s=s: _global_array(x, s), value)
+               for value, s in zip(job.inputs, shardings))
+
+
+def _global_array(value, sharding_: NamedSharding) -> jax.Array:
+  value = np.asarray(value)
+  return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
+
+
+def _fetch(tree):
+  """Host copies of (possibly process-spanning) arrays: every process gets all of them."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def _detokenize(tokenizer, ids: list, stop_ids: tuple) -> str:
   if ids and ids[-1] in stop_ids:
     ids = ids[:-1]
@@ -545,12 +574,13 @@ def generate(config: model_lib.ModelConfig, params, prompts: Sequence, *, max_ne
     params = _place_params(config, params, job.layout, run_config)
     if num_beams > 1:
       program = _beam_program(run_config, job.spec, job.layout, job.bucket, num_beams)
-      tokens, lengths, _ = program(params, *job.inputs)
+      tokens, lengths, _ = program(params, *_global_inputs(job, run_config))
     else:
       start, resume = _sampling_programs(run_config, job.spec, job.layout, job.bucket)
-      state = resume(params, start(params, *job.inputs), job.inputs[-1])
+      inputs = _global_inputs(job, run_config)
+      state = resume(params, start(params, *inputs), inputs[-1])
       tokens, lengths = state.tokens, state.num_new
-  tokens, lengths = jax.device_get((tokens, lengths))
+  tokens, lengths = _fetch((tokens, lengths))
   outputs = [tokens[i, :lengths[i]].tolist() for i in range(job.num_prompts)]
   if tokenizer is None:
     return outputs
@@ -582,14 +612,16 @@ def stream(config: model_lib.ModelConfig, params, prompts: Sequence, *, max_new_
   with sharding.activate(job.layout.mesh, job.layout.rules):
     params = _place_params(config, params, job.layout, run_config)
     start, resume = _sampling_programs(run_config, job.spec, job.layout, job.bucket)
-    state = start(params, *job.inputs)
+    state = start(params, *_global_inputs(job, run_config))
   emitted = np.zeros((job.num_prompts,), np.int64)
   while True:
-    step, tokens, num_new, done = jax.device_get(
-        (state.step, state.tokens, state.num_new, state.done))
+    step, tokens, num_new, done = _fetch((state.step, state.tokens, state.num_new, state.done))
     yield [tokens[i, emitted[i]:num_new[i]].tolist() for i in range(job.num_prompts)]
     emitted = num_new[:job.num_prompts]
     if done.all():
       return
     with sharding.activate(job.layout.mesh, job.layout.rules):
-      state = resume(params, state, np.int32(step + chunk_size))
+      until = np.int32(step + chunk_size)
+      if jax.process_count() > 1:
+        until = _global_array(until, job.layout.replicated)
+      state = resume(params, state, until)

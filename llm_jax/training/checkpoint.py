@@ -4,17 +4,22 @@ A checkpoint directory is an Orbax CheckpointManager root whose steps hold the i
   params        parameter tree (StandardSave; restored straight into any target sharding)
   opt_state     optimizer state (training checkpoints only)
   model_config  the ModelConfig as JSON, so a checkpoint is self-describing
-  data_state    the input iterator's state (training checkpoints only)
+  data_iterator every process's input-iterator position, one file per process (grain's
+                checkpoint handler; training checkpoints only)
+Checkpoints written before the per-process positions hold `data_state` instead (process 0's
+position as JSON); a one-process run still resumes from them.
 Orbax writes each step to a temporary directory and renames it when complete, so a checkpoint
-cut short by a crash or SIGKILL is never listed as a step, hence never restored.
+cut short by a crash or SIGKILL is never listed as a step, hence never restored. Paths may be
+local or on cloud storage (gs://...): they go through etils.epath.
 """
 
-import os
 from typing import Any, Optional
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from llm_jax import model as model_lib
 from llm_jax import sharding
@@ -22,10 +27,20 @@ from llm_jax import sharding
 CHECKPOINT_SUBDIR = 'checkpoints'
 
 
-def checkpoint_dir(path: str) -> str:
+DATA_ITEM = 'data_iterator'
+LEGACY_DATA_ITEM = 'data_state'
+
+
+def absolute(path) -> epath.Path:
+  """An absolute epath: local paths are resolved, cloud paths (gs://...) kept as they are."""
+  path = epath.Path(path)
+  return path if '://' in str(path) else path.resolve()
+
+
+def checkpoint_dir(path) -> epath.Path:
   """The checkpoint root for a training workdir, or `path` itself if it already is one."""
-  sub = os.path.join(path, CHECKPOINT_SUBDIR)
-  return sub if os.path.isdir(sub) else path
+  sub = epath.Path(path) / CHECKPOINT_SUBDIR
+  return sub if sub.is_dir() else epath.Path(path)
 
 
 def create_manager(directory: str, *, keep: Optional[int] = None, async_save: bool = True,
@@ -34,23 +49,27 @@ def create_manager(directory: str, *, keep: Optional[int] = None, async_save: bo
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
       read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(absolute(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, model_config: model_lib.ModelConfig,
-         params, opt_state=None, data_state: Any = None, *, force: bool = True) -> bool:
-  """Saves one step (asynchronously if the manager is async); returns whether it saved."""
+         params, opt_state=None, data_iterator: Any = None, *, force: bool = True) -> bool:
+  """Saves one step (asynchronously if the manager is async); returns whether it saved.
+
+  Every process must call it. Each writes its own shards and its own data-iterator position
+  (read now, before the call returns, so later batches do not leak into the checkpoint).
+  """
   items = {'params': ocp.args.StandardSave(params),
            'model_config': ocp.args.JsonSave(model_lib.to_config_dict(model_config))}
   if opt_state is not None:
     items['opt_state'] = ocp.args.StandardSave(opt_state)
-  if data_state is not None:
-    items['data_state'] = ocp.args.JsonSave(data_state)
+  if data_iterator is not None:
+    items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract_opt_state=None,
-            with_data_state: bool = False) -> dict:
+def restore(manager: ocp.CheckpointManager, step: int, abstract_params,
+            abstract_opt_state=None) -> dict:
   """Restores a step into the given abstract trees (ShapeDtypeStructs carrying shardings).
 
   The shardings may differ from those at save time (other mesh, other device count): Orbax reads
@@ -59,9 +78,27 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_params, abstract
   items = {'params': ocp.args.StandardRestore(abstract_params)}
   if abstract_opt_state is not None:
     items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
-  if with_data_state:
-    items['data_state'] = ocp.args.JsonRestore()
   return dict(manager.restore(step, args=ocp.args.Composite(**items)).items())
+
+
+def restore_data_iterator(manager: ocp.CheckpointManager, step: int, iterator) -> None:
+  """Moves this process's `iterator` to where it was when `step` was saved."""
+  step_dir = epath.Path(manager.directory) / str(step)
+  if (step_dir / DATA_ITEM).exists():
+    manager.restore(step, args=ocp.args.Composite(
+        **{DATA_ITEM: grain.checkpoint.CheckpointRestore(iterator)}))
+    return
+  if not (step_dir / LEGACY_DATA_ITEM).exists():
+    raise FileNotFoundError(f'checkpoint step {step} in {manager.directory} holds no data '
+                            'iterator position; it was not written by a training run')
+  if jax.process_count() > 1:
+    raise ValueError(
+        f'checkpoint step {step} in {manager.directory} predates per-process data positions: '
+        'it holds process 0\'s only. Resume it with one process, or train on from its '
+        'parameters with --config.train.init_from in a new workdir')
+  values = manager.restore(step, args=ocp.args.Composite(
+      **{LEGACY_DATA_ITEM: ocp.args.JsonRestore()}))
+  iterator.set_state(values[LEGACY_DATA_ITEM])
 
 
 def read_model_config(manager: ocp.CheckpointManager, step: int) -> model_lib.ModelConfig:
@@ -70,7 +107,7 @@ def read_model_config(manager: ocp.CheckpointManager, step: int) -> model_lib.Mo
   return model_lib.from_config_dict(values['model_config'])
 
 
-def save_params(directory: str, model_config: model_lib.ModelConfig, params, step: int = 0):
+def save_params(directory, model_config: model_lib.ModelConfig, params, step: int = 0):
   """Writes a parameters-only checkpoint (e.g. a converted Hugging Face model) and waits."""
   manager = create_manager(directory, async_save=False)
   save(manager, step, model_config, params)
@@ -82,12 +119,36 @@ def abstract_unboxed_params(model_config: model_lib.ModelConfig, shardings=None)
   """ShapeDtypeStructs of the parameters, on one device unless `shardings` are given."""
   abstract = model_lib.unbox(model_lib.abstract_params(model_config))
   if shardings is None:
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: device, abstract)
   return sharding.with_shardings(abstract, shardings)
 
 
-def load_params(directory: str, step: Optional[int] = None, shardings=None):
+def _open_read_only(directory, step: Optional[int]):
+  """(manager, step): the latest complete step by default; errors name the directory."""
+  root = checkpoint_dir(directory)
+  if not root.is_dir():
+    raise FileNotFoundError(f'checkpoint directory {str(root)!r} does not exist')
+  manager = create_manager(root, read_only=True)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no complete checkpoint in {str(root)!r}')
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f'step {step} not in {str(root)!r}; available: '
+                            f'{manager.all_steps()}')
+  return manager, step
+
+
+def read_config_of(directory, step: Optional[int] = None) -> model_lib.ModelConfig:
+  """The ModelConfig of a workdir's (or checkpoint directory's) latest or given step."""
+  manager, step = _open_read_only(directory, step)
+  try:
+    return read_model_config(manager, step)
+  finally:
+    manager.close()
+
+
+def load_params(directory, step: Optional[int] = None, shardings=None):
   """Loads (ModelConfig, params) from a training workdir or a parameters-only checkpoint.
 
   Args:
@@ -95,17 +156,9 @@ def load_params(directory: str, step: Optional[int] = None, shardings=None):
     step: the step to load; the latest complete one by default.
     shardings: optional tree of target shardings for the parameters.
   """
-  root = checkpoint_dir(directory)
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f'checkpoint directory {root!r} does not exist')
-  manager = create_manager(root, read_only=True)
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no complete checkpoint in {root!r}')
-  if step not in manager.all_steps():
-    raise FileNotFoundError(f'step {step} not in {root!r}; available: {manager.all_steps()}')
+  manager, step = _open_read_only(directory, step)
   model_config = read_model_config(manager, step)
   params = restore(manager, step, abstract_unboxed_params(model_config, shardings))['params']
-  logging.info('loaded parameters of step %d from %s', step, root)
+  logging.info('loaded parameters of step %d from %s', step, manager.directory)
   manager.close()
   return model_config, params

@@ -3,12 +3,14 @@
 Reads top to bottom: set up mesh and data, build or restore the sharded state, loop over steps
 with periodic logging, evaluation and asynchronous checkpoints, then a final evaluation,
 sampled continuations and summary.json. A rerun of the same command resumes from the last
-complete checkpoint, including the data iterator's position, and sees the same batches.
+complete checkpoint, every process's data iterator where it was, and sees the same batches; a
+rerun of a finished run says so and changes nothing. Whatever ends the run (the last step,
+SIGTERM, Ctrl-C, an exception), the checkpoint being written is completed before it returns.
+Process 0 alone writes metrics, TensorBoard events and summary.json; every process saves its
+own shards and data position.
 """
 
 import dataclasses
-import os
-import signal
 import time
 import zlib
 from typing import Any, Optional
@@ -17,47 +19,22 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
+from etils import epath
 
-from llm_jax.training import checkpoint
-from llm_jax.tools import memory
-from llm_jax.training import metrics as metrics_lib
 from llm_jax import model as model_lib
-from llm_jax.training import optim
 from llm_jax import sharding
-from llm_jax.training import steps as train_steps
 from llm_jax.data import pipeline
+from llm_jax.tools import memory
+from llm_jax.training import builder
+from llm_jax.training import checkpoint
+from llm_jax.training import metrics as metrics_lib
+from llm_jax.training import preemption
+from llm_jax.training import steps as train_steps
 
 NONFINITE_POLICIES = ('skip', 'stop')
 # Fields a resumed or fine-tuning run may change relative to its checkpoint: they change how
 # the model computes, not which parameters it has.
 COMPUTE_FIELDS = ('dtype', 'remat_policy', 'attention_kernel', 'max_seq_len')
-
-
-class PreemptionFlag:
-  """Set by SIGTERM (TPU preemption notice); the loop saves a checkpoint and exits cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint, then exiting')
-    self.requested = True
-
-  def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._previous)
-
-  def should_stop(self, step: int) -> bool:
-    """Whether to stop after `step`; all hosts of a multi-host run agree on the same step."""
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
 
 
 def gzip_bits_per_byte(texts) -> float:
@@ -89,33 +66,32 @@ def check_compatible(saved: model_lib.ModelConfig, configured: model_lib.ModelCo
     raise ValueError(f'{source} does not match the configured model: ' + '; '.join(differing))
 
 
-def restore_or_initialise(config, model_config, tx, manager, mesh, rules):
-  """Returns (state, shardings, data_state): resumed, fine-tuned from init_from, or fresh."""
-  abstract, _ = train_steps.abstract_train_state(model_config, tx)
-  shardings = sharding.tree_shardings(abstract, mesh, rules)
+def restore_or_initialise(config, program: builder.TrainingProgram, manager):
+  """Returns (state, resumed step or None): resumed, fine-tuned from init_from, or fresh."""
+  model_config = program.model_config
   step = manager.latest_step()
   if step is not None:
     check_compatible(checkpoint.read_model_config(manager, step), model_config,
                      f'the checkpoint of step {step} in {manager.directory}')
-    target = sharding.with_shardings(model_lib.unbox(abstract), shardings)
-    restored = checkpoint.restore(manager, step, target.params, target.opt_state,
-                                  with_data_state=True)
+    target = program.abstract_sharded_state()
+    restored = checkpoint.restore(manager, step, target.params, target.opt_state)
     logging.info('resumed from step %d in %s', step, manager.directory)
-    state = train_steps.TrainState(step=jax.device_put(np.int32(step), shardings.step),
-                                   params=restored['params'], opt_state=restored['opt_state'])
-    return state, shardings, restored['data_state']
-  state, shardings = train_steps.create_train_state(model_config, tx, mesh, rules, config.seed)
+    state = train_steps.TrainState(
+        step=jax.device_put(np.int32(step), program.state_shardings.step),
+        params=restored['params'], opt_state=restored['opt_state'])
+    return state, step
+  state = program.init_state(config.seed)
   if config.train.init_from:
     loaded_config, params = checkpoint.load_params(config.train.init_from,
-                                                   shardings=shardings.params)
+                                                   shardings=program.state_shardings.params)
     check_compatible(loaded_config, model_config, f'train.init_from={config.train.init_from!r}',
                      COMPUTE_FIELDS + ('param_dtype',))
     params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params)
     # The fresh optimizer state was built for the random parameters; rebuild it for these.
     state = state.replace(params=params, opt_state=jax.jit(
-        tx.init, out_shardings=shardings.opt_state)(params))
+        program.tx.init, out_shardings=program.state_shardings.opt_state)(params))
     logging.info('initialised parameters from %s', config.train.init_from)
-  return state, shardings, None
+  return state, None
 
 
 def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -> list:
@@ -136,80 +112,88 @@ def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -
 class Run:
   """Everything the loop needs, built once by `setup`."""
   config: ml_collections.ConfigDict
-  workdir: str
-  model_config: model_lib.ModelConfig
-  mesh: Any
-  rules: tuple
+  workdir: epath.Path
+  program: builder.TrainingProgram
   tokenizer: Any
   manager: Any
   state: Any
   train_iter: Any
-  train_step: Any
-  eval_step: Any
   eval_batches: list
   eval_texts: list
   writer: metrics_lib.MetricsWriter
   throughput: metrics_lib.Throughput
   skipped_steps: list = dataclasses.field(default_factory=list)
+  closed: bool = False
+
+  @property
+  def model_config(self) -> model_lib.ModelConfig:
+    return self.program.model_config
+
+  @property
+  def mesh(self):
+    return self.program.mesh
+
+  @property
+  def rules(self) -> tuple:
+    return self.program.rules
 
   def evaluate(self) -> dict:
     num_bytes = sum(len(t.encode('utf-8')) for t in self.eval_texts)
-    return evaluate(self.eval_step, self.state.params, self.eval_batches, self.mesh, self.rules,
-                    num_bytes)
+    return evaluate(self.program.eval_step, self.state.params, self.eval_batches, self.mesh,
+                    self.rules, num_bytes)
 
   def save(self, step: int):
     checkpoint.save(self.manager, step, self.model_config, self.state.params,
-                    self.state.opt_state, self.train_iter.get_state())
+                    self.state.opt_state, self.train_iter)
 
   def close(self):
-    self.writer.close()
-    self.manager.wait_until_finished()
-    self.manager.close()
-    close = getattr(self.train_iter, 'close', None)  # grain's background workers, if any
-    if close is not None:
-      close()
+    """Finishes the pending asynchronous save (whatever ended the run) and releases all."""
+    if self.closed:
+      return
+    self.closed = True
+    try:
+      self.manager.wait_until_finished()
+      self.manager.close()
+    finally:
+      self.writer.close()
+      close = getattr(self.train_iter, 'close', None)  # grain's background workers, if any
+      if close is not None:
+        close()
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   """Mesh, tokenizer, data, sharded (restored) state and compiled steps for a run."""
   if config.train.nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f'train.nonfinite={config.train.nonfinite!r}; expected one of '
                      f'{NONFINITE_POLICIES}')
-  os.makedirs(workdir, exist_ok=True)
-  model_config = model_lib.from_config_dict(config.model)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, config.mesh.num_slices)
+  workdir = checkpoint.absolute(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  program = builder.build(config)
+  model_config, mesh, rules = program.model_config, program.mesh, program.rules
   tokenizer = pipeline.get_tokenizer(config.data, workdir, model_config.vocab_size)
-  tx, schedule = optim.create_optimizer(config.optim, config.train.num_steps)
-  batch_shape = (config.data.global_batch_size, config.data.seq_len)
   logging.info('model %s, %.2fM parameters; mesh %s', model_config,
                model_lib.count_params(model_lib.abstract_params(model_config)) / 1e6, mesh.shape)
   logging.info('memory per device: %s', memory.estimate_memory_per_device(
-      model_config, mesh, rules, batch_shape, accum_steps=config.optim.grad_accum_steps))
-  manager = checkpoint.create_manager(os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR),
+      model_config, mesh, rules, program.batch_shape,
+      accum_steps=config.optim.grad_accum_steps))
+  manager = checkpoint.create_manager(workdir / checkpoint.CHECKPOINT_SUBDIR,
                                       keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
-  state, shardings, data_state = restore_or_initialise(config, model_config, tx, manager, mesh,
-                                                       rules)
+  state, resumed_step = restore_or_initialise(config, program, manager)
   train_iter = pipeline.make_train_iterator(
       config.data, tokenizer, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  if data_state is not None:
-    train_iter.set_state(data_state)
+  if resumed_step is not None:
+    checkpoint.restore_data_iterator(manager, resumed_step, train_iter)
   eval_batches, eval_texts = pipeline.make_eval_batches(
       config.data, tokenizer, num_batches=config.eval.num_batches,
       process_index=jax.process_index(), process_count=jax.process_count())
   return Run(
-      config=config, workdir=workdir, model_config=model_config, mesh=mesh, rules=rules,
-      tokenizer=tokenizer, manager=manager, state=state, train_iter=train_iter,
-      train_step=train_steps.jit_train_step(model_config, tx, schedule, shardings, mesh, rules,
-                                            batch_shape, config.optim.z_loss,
-                                            config.optim.grad_accum_steps),
-      eval_step=train_steps.jit_eval_step(model_config, shardings.params, mesh, rules,
-                                          (config.data.eval_batch_size, config.data.seq_len)),
-      eval_batches=eval_batches, eval_texts=eval_texts,
-      writer=metrics_lib.MetricsWriter(workdir),
-      throughput=metrics_lib.Throughput(model_config, batch_shape, config.train.num_steps))
+      config=config, workdir=workdir, program=program, tokenizer=tokenizer, manager=manager,
+      state=state, train_iter=train_iter, eval_batches=eval_batches, eval_texts=eval_texts,
+      writer=metrics_lib.MetricsWriter(workdir, resume_step=resumed_step or 0),
+      throughput=metrics_lib.Throughput(model_config, program.batch_shape,
+                                        config.train.num_steps))
 
 
 def log_steps(run: Run, step: int, pending: list):
@@ -232,23 +216,23 @@ def log_steps(run: Run, step: int, pending: list):
   logging.info(metrics_lib.format_line(step, run.config.train.num_steps, scalars))
 
 
-def train_loop(run: Run, preemption: PreemptionFlag) -> tuple[int, Optional[dict]]:
-  """Steps until num_steps or preemption; returns (last step, last evaluation or None)."""
+def train_loop(run: Run, stop: preemption.StopRequests) -> tuple[int, Optional[dict]]:
+  """Steps until num_steps or a stop request; returns (last step, last evaluation or None)."""
   config = run.config
   step = first_step = int(jax.device_get(run.state.step))
   pending, eval_result = [], None
   run.throughput.start(step)
   while step < config.train.num_steps:
     batch = pipeline.to_global_batch(next(run.train_iter), run.mesh, run.rules)
-    run.state, step_metrics = run.train_step(run.state, batch)
+    run.state, step_metrics = run.program.train_step(run.state, batch)
     step += 1
     pending.append(step_metrics)
     if len(pending) == 1 and step == first_step + 1:
       jax.block_until_ready(step_metrics)
       run.throughput.start(step)  # compilation is not training time
     last = step == config.train.num_steps
-    stop = preemption.should_stop(step)
-    if step % config.train.log_every == 0 or last or stop:
+    stopping = stop.should_stop(step)
+    if step % config.train.log_every == 0 or last or stopping:
       log_steps(run, step, pending)
       pending = []
     if step % config.eval.every_steps == 0 or last:
@@ -256,30 +240,23 @@ def train_loop(run: Run, preemption: PreemptionFlag) -> tuple[int, Optional[dict
       run.writer.write(step, eval_result, 'eval/')
       logging.info('eval at step %d: %s', step, eval_result)
       run.throughput.start(step)
-    if step % config.checkpoint.every_steps == 0 or last or stop:
+    if step % config.checkpoint.every_steps == 0 or last or stopping:
       if pending:  # the non-finite policy must see every step a checkpoint holds
         log_steps(run, step, pending)
         pending = []
       run.save(step)
-    if stop:
+    if stopping:
       break
   return step, eval_result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains per `config`, writing checkpoints, TensorBoard events and summary.json to workdir."""
-  start_time = time.time()
-  run = setup(config, workdir)
-  with sharding.activate(run.mesh, run.rules), PreemptionFlag() as preemption:
-    step, eval_result = train_loop(run, preemption)
-    if step < config.train.num_steps:
-      logging.warning('stopped at step %d after SIGTERM; checkpoint saved', step)
-      run.close()
-      return {'step': step, 'preempted': True}
-    if eval_result is None:  # resumed at the end: nothing was trained or evaluated
-      eval_result = run.evaluate()
-    samples = sample_continuations(config, run.model_config, run.state.params, run.tokenizer,
-                                   run.mesh, run.rules)
+def _finish(run: Run, step: int, eval_result: Optional[dict], start_time: float) -> dict:
+  """Final evaluation if none ran, samples, and summary.json (process 0)."""
+  config = run.config
+  if eval_result is None:  # resumed at the end: nothing was trained or evaluated
+    eval_result = run.evaluate()
+  samples = sample_continuations(config, run.model_config, run.state.params, run.tokenizer,
+                                 run.mesh, run.rules)
   for sample in samples:
     logging.info('sample: %r -> %r', sample['prompt'], sample['continuation'])
   summary = {
@@ -291,6 +268,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'skipped_steps': run.skipped_steps, 'wall_seconds': time.time() - start_time,
       'samples': samples}
   if jax.process_index() == 0:
-    metrics_lib.write_summary(workdir, summary)
-  run.close()
+    metrics_lib.write_summary(run.workdir, summary)
   return summary
+
+
+def finished_summary(config: ml_collections.ConfigDict, workdir) -> Optional[dict]:
+  """summary.json of a run in `workdir` that already reached config.train.num_steps."""
+  summary = metrics_lib.read_summary(workdir)
+  if summary is not None and summary.get('step', -1) >= config.train.num_steps:
+    return summary
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains per `config`, writing checkpoints, TensorBoard events and summary.json to workdir.
+
+  Returns:
+    The summary; {'step', 'preempted': True} or {'step', 'interrupted': True} when SIGTERM or
+    Ctrl-C stopped the run early (a checkpoint of that step is saved: rerun to resume).
+  """
+  start_time = time.time()
+  finished = finished_summary(config, workdir)
+  if finished is not None:
+    logging.warning('%s already finished at step %d (summary.json); nothing to do. Raise '
+                    'train.num_steps to train on.', workdir, finished['step'])
+    return dict(finished, already_finished=True)
+  run = setup(config, workdir)
+  try:
+    with sharding.activate(run.mesh, run.rules), preemption.StopRequests() as stop:
+      step, eval_result = train_loop(run, stop)
+      if step < config.train.num_steps:
+        reason = 'preempted' if stop.preempted else 'interrupted'
+        logging.warning('stopped at step %d (%s); checkpoint saved: rerun to resume', step,
+                        reason)
+        return {'step': step, reason: True}
+      return _finish(run, step, eval_result, start_time)
+  finally:
+    run.close()

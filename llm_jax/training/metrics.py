@@ -2,12 +2,12 @@
 
 import json
 import math
-import os
 import time
 from typing import Optional
 
 import jax
 from absl import logging
+from etils import epath
 from tensorboardX import SummaryWriter
 
 from llm_jax.tools import flops
@@ -26,14 +26,24 @@ def bits_per_byte(loss_sum_nats: float, num_bytes: int) -> float:
 class MetricsWriter:
   """Writes scalars to TensorBoard and to metrics.jsonl (one JSON object a line), process 0 only.
 
-  The JSON lines are for scripts (sweeps, tests) that want the numbers without TensorBoard.
+  The JSON lines are for scripts (sweeps, tests, plots) that want the numbers without
+  TensorBoard. A resumed run first drops the rows after the step it resumes from (written
+  after that checkpoint by the attempt that died), so the file has one row per step and kind.
+  Cloud storage has no appending: there the whole file is rewritten at every write.
   """
 
-  def __init__(self, workdir: str):
-    self._writer = self._jsonl = None
+  def __init__(self, workdir, resume_step: Optional[int] = None):
+    self._writer = None
+    self._path = epath.Path(workdir) / 'metrics.jsonl'
+    self._lines: list[str] = []
+    self._append = '://' not in str(self._path)
     if jax.process_index() == 0:
-      self._writer = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._writer = SummaryWriter(str(epath.Path(workdir) / 'tensorboard'))
+      if self._path.exists():
+        self._lines = [line for line in self._path.read_text().splitlines()
+                       if line and (resume_step is None or
+                                    json.loads(line)['step'] <= resume_step)]
+        self._path.write_text(''.join(line + '\n' for line in self._lines))
 
   def write(self, step: int, scalars: dict, prefix: str = ''):
     if self._writer is None:
@@ -42,13 +52,17 @@ class MetricsWriter:
       self._writer.add_scalar(f'{prefix}{name}', float(value), step)
     self._writer.flush()
     record = {'step': step, **{f'{prefix}{k}': float(v) for k, v in scalars.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    self._lines.append(json.dumps(record))
+    if self._append:
+      with self._path.open('a') as f:
+        f.write(self._lines[-1] + '\n')
+    else:
+      self._path.write_text(''.join(line + '\n' for line in self._lines))
 
   def close(self):
     if self._writer is not None:
       self._writer.close()
-      self._jsonl.close()
+      self._writer = None
 
 
 class Throughput:
@@ -108,11 +122,19 @@ def format_line(step: int, num_steps: int, scalars: dict) -> str:
   return ' | '.join(parts)
 
 
-def write_summary(workdir: str, summary: dict):
+SUMMARY_FILENAME = 'summary.json'
+
+
+def write_summary(workdir, summary: dict):
   """Writes summary.json atomically (temporary file, then rename)."""
-  path = os.path.join(workdir, 'summary.json')
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(summary, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+  path = epath.Path(workdir) / SUMMARY_FILENAME
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+  tmp.replace(path)
   logging.info('wrote %s', path)
+
+
+def read_summary(workdir) -> Optional[dict]:
+  """The summary.json of a finished run, or None."""
+  path = epath.Path(workdir) / SUMMARY_FILENAME
+  return json.loads(path.read_text()) if path.exists() else None
