@@ -141,10 +141,17 @@ def default_config(arg=None) -> ml_collections.ConfigDict:
   config.eval.every_steps = 100
   config.eval.num_batches = 16  # 0 = the whole validation split
 
+  # Task evaluators run every N steps, logged as evals/<name>/<metric> (llm_jax.evals.in_loop):
+  # name -> ConfigDict(kind='perplexity' | 'multiple_choice' | 'classification' |
+  # 'summarization' | 'translation', path=..., every_steps=N, ...). Empty: none.
+  config.evals = ml_collections.ConfigDict()
+
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
   config.checkpoint.async_save = True
+  # Resume from this step instead of the latest (0 = latest), e.g. when the latest is unreadable.
+  config.checkpoint.restore_step = 0
 
   config.mesh = mesh_section()
 

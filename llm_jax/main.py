@@ -28,6 +28,7 @@ from llm_jax import host_memory
 from llm_jax import logging_setup
 from llm_jax.training import loop as train
 from llm_jax.training import preemption
+from llm_jax.training import validation
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
                                           lock_config=True)
@@ -56,7 +57,10 @@ def main(argv):
   distributed.initialize(spec, force=_DISTRIBUTED.value)
   logging.info('process %d of %d, %d devices (%s)', jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
-  result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except validation.InvalidConfigError as error:
+    sys.exit(str(error))  # the problems themselves, not a traceback through the loop
   if result.get('preempted'):
     sys.exit(preemption.PREEMPTED_EXIT_CODE)
   if result.get('interrupted'):

@@ -1,6 +1,7 @@
 """Ahead-of-time compilation for a TPU topology from this CPU host, and the memory estimate.
 
-Compiling for TPUs needs libtpu (no TPU): `pip install 'libtpu==0.0.42.*'`.
+Compiling for TPUs needs libtpu (no TPU), from the project's `tpu` extra: the README's test
+command installs `.[test,tpu]`; without it the TPU compilation test is skipped.
 """
 
 import jax
@@ -46,7 +47,7 @@ def test_check_fits_exits_naming_the_step():
 
 
 def test_tiny_train_and_decode_compile_for_v5e_2x2_with_splash():
-  pytest.importorskip('libtpu', reason="needs pip install 'libtpu==0.0.42.*'")
+  pytest.importorskip('libtpu', reason="needs libtpu: pip install '.[tpu]'")
   config = default.get_config()
   config.model.attention_kernel = 'splash'
   config.mesh.shape = (2, 1, 2)  # batch over data, heads over tensor: splash under shard_map

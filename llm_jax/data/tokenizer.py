@@ -3,7 +3,9 @@ and training a SentencePiece BPE model on a corpus.
 
 Every tokenizer has `encode(str) -> list[int]`, `decode(list[int]) -> str` and the attributes
 `bos_id`, `eos_id`, `pad_id`, `vocab_size`. `encode` adds no special tokens: the input pipeline
-adds BOS/EOS itself. Tokenizers pickle (grain worker processes receive a copy). Paths may be
+adds BOS/EOS itself. `encode_ordinary` also never turns special-token text (`<|eot_id|>`) inside
+the string into its control id, for untrusted text such as chat messages; `special_tokens()` maps
+each special token's text to its id. Tokenizers pickle (grain worker processes receive a copy). Paths may be
 anything etils.epath opens (local, or gs:// where a GCS backend is installed).
 """
 
@@ -54,7 +56,11 @@ class SentencePieceTokenizer:
   def __init__(self, model_proto: bytes, path: str = '<in memory>'):
     self.path = path
     self._model_proto = model_proto
-    self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._processor = spm.SentencePieceProcessor(model_proto=model_proto)
+    except RuntimeError as e:
+      raise ValueError(f'SentencePiece model {path} cannot be parsed (is it a SentencePiece '
+                       f'.model file?): {str(e).strip()}') from e
     self.vocab_size = self._processor.vocab_size()
     self.bos_id = self._processor.bos_id()
     self.eos_id = self._processor.eos_id()
@@ -76,6 +82,16 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return self._processor.encode(text)
+
+  def encode_ordinary(self, text: str) -> list[int]:
+    # SentencePiece never parses control pieces (<s>, </s>) out of text.
+    return self._processor.encode(text)
+
+  def special_tokens(self) -> dict[str, int]:
+    """The text of each control and unknown piece (<s>, </s>, <unk>...) -> its id."""
+    processor = self._processor
+    return {processor.id_to_piece(i): i for i in range(self.vocab_size)
+            if processor.is_control(i) or processor.is_unknown(i)}
 
   def encode_array(self, text: str) -> np.ndarray:
     """Like `encode`, as an int32 array without the list round trip (for the input pipeline)."""
@@ -103,6 +119,9 @@ class HuggingFaceTokenizer:
     self._tokenizer = tokenizer
     self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
     self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    # A copy that reads special-token text as ordinary text (tokenizers' encode_special_tokens).
+    self._ordinary = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    self._ordinary.encode_special_tokens = True
 
   @classmethod
   def from_file(cls, path: str) -> 'HuggingFaceTokenizer':
@@ -117,7 +136,7 @@ class HuggingFaceTokenizer:
     if not file.exists():
       raise FileNotFoundError(f'tokenizer file {file} does not exist')
     path = os.fspath(file)
-    tokenizer = tokenizers.Tokenizer.from_str(file.read_text())
+    tokenizer = _parse_tokenizer_json(file)
     named = _special_tokens_from_config(file.parent / 'tokenizer_config.json')
     ids = {}
     for role, names in (('bos', _BOS_NAMES), ('eos', _EOS_NAMES), ('pad', _PAD_NAMES)):
@@ -137,20 +156,58 @@ class HuggingFaceTokenizer:
   def encode(self, text: str) -> list[int]:
     return self._tokenizer.encode(text, add_special_tokens=False).ids
 
+  def encode_ordinary(self, text: str) -> list[int]:
+    return self._ordinary.encode(text, add_special_tokens=False).ids
+
+  def to_json(self) -> str:
+    """The tokenizer.json text."""
+    return self._tokenizer.to_str()
+
+  def special_tokens(self) -> dict[str, int]:
+    """The text of each special added token -> its id."""
+    return {token.content: i for i, token in self._tokenizer.get_added_tokens_decoder().items()
+            if token.special}
+
+  def added_token_strip(self) -> dict[str, tuple[bool, bool]]:
+    """(lstrip, rstrip) of each special added token: whether it absorbs nearby whitespace."""
+    return {token.content: (token.lstrip, token.rstrip)
+            for token in self._tokenizer.get_added_tokens_decoder().values() if token.special}
+
   def encode_array(self, text: str) -> np.ndarray:
     return np.asarray(self.encode(text), np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def __getstate__(self):
+    # tokenizers' pickling drops the encode_special_tokens flag of the ordinary copy.
+    return {'json': self._tokenizer.to_str(), 'ids': (self.bos_id, self.eos_id, self.pad_id),
+            'path': self.path}
+
+  def __setstate__(self, state):
+    self.__init__(tokenizers.Tokenizer.from_str(state['json']), *state['ids'], state['path'])
+
   def __repr__(self):
     return f'HuggingFaceTokenizer({self.path!r}, vocab_size={self.vocab_size})'
+
+
+def _parse_tokenizer_json(file: epath.Path) -> tokenizers.Tokenizer:
+  """Parses a tokenizer.json, naming the file when it is not one."""
+  try:
+    return tokenizers.Tokenizer.from_str(file.read_text())
+  # `tokenizers` raises a bare Exception for malformed JSON or an unknown model layout.
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'tokenizer file {file} cannot be parsed as a Hugging Face tokenizer.json: '
+                     f'{e}') from e
 
 
 def _special_tokens_from_config(config_path: epath.Path) -> dict:
   if not config_path.exists():
     return {}
-  config = json.loads(config_path.read_text())
+  try:
+    config = json.loads(config_path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'{config_path} cannot be parsed as JSON: {e}') from e
   result = {}
   for role in ('bos', 'eos', 'pad'):
     value = config.get(f'{role}_token')

@@ -21,17 +21,22 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from jax.experimental import multihost_utils
+
 from llm_jax import model as model_lib
 from llm_jax import sharding
 from llm_jax.data import pipeline
+from llm_jax.evals import in_loop
+from llm_jax.model import layer_layout
 from llm_jax.tools import memory
 from llm_jax.training import builder
 from llm_jax.training import checkpoint
 from llm_jax.training import metrics as metrics_lib
 from llm_jax.training import preemption
+from llm_jax.training import restore_errors
 from llm_jax.training import steps as train_steps
+from llm_jax.training import validation
 
-NONFINITE_POLICIES = ('skip', 'stop')
 # Fields a resumed or fine-tuning run may change relative to its checkpoint: they change how
 # the model computes, not which parameters it has.
 COMPUTE_FIELDS = ('dtype', 'remat_policy', 'attention_kernel', 'max_seq_len')
@@ -66,27 +71,81 @@ def check_compatible(saved: model_lib.ModelConfig, configured: model_lib.ModelCo
     raise ValueError(f'{source} does not match the configured model: ' + '; '.join(differing))
 
 
-def restore_or_initialise(config, program: builder.TrainingProgram, manager):
-  """Returns (state, resumed step or None): resumed, fine-tuned from init_from, or fresh."""
-  model_config = program.model_config
-  step = manager.latest_step()
-  if step is not None:
-    check_compatible(checkpoint.read_model_config(manager, step), model_config,
-                     f'the checkpoint of step {step} in {manager.directory}')
+def _set_aside_later_steps(manager, step: int, workdir: epath.Path):
+  """Moves the steps after `step` to workdir/set_aside_checkpoints (kept, never restored), so a
+  run restarted from an earlier step (checkpoint.restore_step) can save those steps anew."""
+  later = [s for s in manager.all_steps() if s > step]
+  if later and jax.process_index() == 0:
+    target = workdir / 'set_aside_checkpoints'
+    target.mkdir(parents=True, exist_ok=True)
+    for later_step in later:
+      (epath.Path(manager.directory) / str(later_step)).rename(target / str(later_step))
+    logging.warning('restoring step %d: moved the later steps %s to %s', step, later, target)
+  if later:
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('llm_jax: later checkpoints set aside')
+    manager.reload()
+
+
+def _in_layout(tree, saved: model_lib.ModelConfig, configured: model_lib.ModelConfig, shardings):
+  """A tree restored in the saved layer layout, converted to the configured one and placed."""
+  if saved.scan_layers == configured.scan_layers:
+    return tree
+  converted = layer_layout.convert_layer_layout(tree, configured.num_layers,
+                                                to_scanned=configured.scan_layers)
+  return jax.device_put(converted, shardings)
+
+
+def _restore_state(config, program: builder.TrainingProgram, manager, step: int):
+  """The TrainState of `step`, in the configured layer layout."""
+  saved = restore_errors.read_step(manager, step,
+                                   lambda: checkpoint.read_model_config(manager, step))
+  configured = program.model_config
+  check_compatible(saved, configured, f'the checkpoint of step {step} in {manager.directory}',
+                   COMPUTE_FIELDS + ('scan_layers',))
+  if saved.scan_layers == configured.scan_layers:
     target = program.abstract_sharded_state()
-    restored = checkpoint.restore(manager, step, target.params, target.opt_state)
+  else:  # restore as saved, then convert
+    abstract, _ = train_steps.abstract_train_state(saved, program.tx)
+    target = builder.with_shardings(
+        abstract, sharding.tree_shardings(abstract, program.mesh, program.rules))
+  restored = restore_errors.read_step(manager, step, lambda: checkpoint.restore(
+      manager, step, target.params, target.opt_state))
+  shardings = program.state_shardings
+  return train_steps.TrainState(
+      step=jax.device_put(np.int32(step), shardings.step),
+      params=_in_layout(restored['params'], saved, configured, shardings.params),
+      opt_state=_in_layout(restored['opt_state'], saved, configured, shardings.opt_state))
+
+
+def _load_init_params(config, program: builder.TrainingProgram):
+  """Parameters of train.init_from in the configured shardings and layer layout."""
+  configured = program.model_config
+  source = config.train.init_from
+  saved = checkpoint.read_config_of(source)
+  check_compatible(saved, configured, f'train.init_from={source!r}',
+                   COMPUTE_FIELDS + ('param_dtype', 'scan_layers'))
+  shardings = program.state_shardings.params
+  if saved.scan_layers != configured.scan_layers:
+    shardings = sharding.tree_shardings(model_lib.abstract_params(saved), program.mesh,
+                                        program.rules)
+  _, params = checkpoint.load_params(source, shardings=shardings)
+  return _in_layout(params, saved, configured, program.state_shardings.params)
+
+
+def restore_or_initialise(config, program: builder.TrainingProgram, manager, workdir):
+  """Returns (state, resumed step or None): resumed, fine-tuned from init_from, or fresh."""
+  step = restore_errors.resume_step(manager, config.checkpoint.restore_step)
+  if step is not None:
+    if config.checkpoint.restore_step:
+      _set_aside_later_steps(manager, step, workdir)
+    state = _restore_state(config, program, manager, step)
     logging.info('resumed from step %d in %s', step, manager.directory)
-    state = train_steps.TrainState(
-        step=jax.device_put(np.int32(step), program.state_shardings.step),
-        params=restored['params'], opt_state=restored['opt_state'])
     return state, step
   state = program.init_state(config.seed)
   if config.train.init_from:
-    loaded_config, params = checkpoint.load_params(config.train.init_from,
-                                                   shardings=program.state_shardings.params)
-    check_compatible(loaded_config, model_config, f'train.init_from={config.train.init_from!r}',
-                     COMPUTE_FIELDS + ('param_dtype',))
-    params = jax.tree.map(lambda p, s: p.astype(s.dtype), params, state.params)
+    params = jax.tree.map(lambda p, s: p.astype(s.dtype), _load_init_params(config, program),
+                          state.params)
     # The fresh optimizer state was built for the random parameters; rebuild it for these.
     state = state.replace(params=params, opt_state=jax.jit(
         program.tx.init, out_shardings=program.state_shardings.opt_state)(params))
@@ -163,9 +222,9 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   """Mesh, tokenizer, data, sharded (restored) state and compiled steps for a run."""
-  if config.train.nonfinite not in NONFINITE_POLICIES:
-    raise ValueError(f'train.nonfinite={config.train.nonfinite!r}; expected one of '
-                     f'{NONFINITE_POLICIES}')
+  validation.validate_config(config, process_count=jax.process_count(),
+                             device_count=jax.device_count())
+  in_loop.specs(config.evals)  # an evaluator's bad key fails now, not at its first step
   workdir = checkpoint.absolute(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   program = builder.build(config)
@@ -179,7 +238,7 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   manager = checkpoint.create_manager(workdir / checkpoint.CHECKPOINT_SUBDIR,
                                       keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
-  state, resumed_step = restore_or_initialise(config, program, manager)
+  state, resumed_step = restore_or_initialise(config, program, manager, workdir)
   train_iter = pipeline.make_train_iterator(
       config.data, tokenizer, seed=config.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -239,6 +298,12 @@ def train_loop(run: Run, stop: preemption.StopRequests) -> tuple[int, Optional[d
       eval_result = run.evaluate()
       run.writer.write(step, eval_result, 'eval/')
       logging.info('eval at step %d: %s', step, eval_result)
+      run.throughput.start(step)
+    task_scalars = in_loop.run_in_loop_evals(config, run.model_config, run.state.params,
+                                             run.tokenizer, run.mesh, run.rules, step,
+                                             last_step=config.train.num_steps)
+    if task_scalars:
+      run.writer.write(step, task_scalars, 'evals/')
       run.throughput.start(step)
     if step % config.checkpoint.every_steps == 0 or last or stopping:
       if pending:  # the non-finite policy must see every step a checkpoint holds
