@@ -20,11 +20,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from llm_jax import model as model_lib
-from llm_jax.training import optim
 from llm_jax import sharding
-from llm_jax.training import steps as train_steps
 from llm_jax.data import pipeline
+from llm_jax.training import builder
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Training config.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Where the tokenizer is trained/kept; '
@@ -53,13 +51,10 @@ def time_pipeline(data_config, tokenizer, num_workers: int, batches: int) -> tup
 
 def time_train_step(config, tokenizer, steps: int) -> float:
   """Tokens/s of llm_jax's jitted train step on real batches (all local devices)."""
-  model_config = model_lib.from_config_dict(config.model)
-  rules = tuple(tuple(rule) for rule in config.mesh.rules)
-  mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, config.mesh.num_slices)
-  tx, schedule = optim.create_optimizer(config.optim, config.train.num_steps)
-  state, shardings = train_steps.create_train_state(model_config, tx, mesh, rules, config.seed)
-  shape = (config.data.global_batch_size, config.data.seq_len)
-  step_fn = train_steps.jit_train_step(model_config, tx, schedule, shardings, mesh, rules, shape)
+  program = builder.build(config)
+  mesh, rules = program.mesh, program.rules
+  state, step_fn = program.init_state(config.seed), program.train_step
+  shape = program.batch_shape
   iterator = pipeline.make_train_iterator(config.data, tokenizer, seed=config.seed)
   batches = [next(iterator) for _ in range(4)]
   iterator.close()

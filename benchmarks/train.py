@@ -28,7 +28,7 @@ from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-
 from llm_jax.tools import flops
 from llm_jax import host_memory
 from llm_jax import model as model_lib
-from llm_jax.training import optim
+from llm_jax.training import builder
 from llm_jax import sharding
 from llm_jax.training import steps as train_steps
 
@@ -55,19 +55,14 @@ def _random_batch(rng, vocab_size: int, batch_size: int, seq_len: int) -> dict:
 
 
 class JaxStep:
-  """llm_jax's train state and jitted step on all local devices (data parallel)."""
+  """The train state and jitted step a run of `config` trains with (llm_jax.training.builder)."""
 
-  def __init__(self, model_config, optim_config, batch):
-    rules = sharding.DEFAULT_RULES
-    self.mesh = sharding.create_mesh((-1, 1, 1))
-    tx, schedule = optim.create_optimizer(optim_config, num_steps=1000)
-    self.state, shardings = train_steps.create_train_state(model_config, tx, self.mesh, rules, 0)
-    shape = batch['inputs'].shape
-    self.step_fn = train_steps.jit_train_step(model_config, tx, schedule, shardings, self.mesh,
-                                              rules, shape)
-    batch_shardings = train_steps.batch_shardings(self.mesh, rules, shape)
-    self.batch = {k: jax.device_put(v, batch_shardings[k]) for k, v in batch.items()}
-    self.rules = rules
+  def __init__(self, config, model_config, batch):
+    program = builder.build(config, model_config=model_config)
+    self.mesh, self.rules = program.mesh, program.rules
+    self.state, self.step_fn = program.init_state(config.seed), program.train_step
+    shardings = train_steps.batch_shardings(self.mesh, self.rules, batch['inputs'].shape)
+    self.batch = {k: jax.device_put(v, shardings[k]) for k, v in batch.items()}
 
   def __call__(self) -> float:
     start = time.perf_counter()
@@ -139,9 +134,13 @@ def main(argv):
   model_config = model_lib.get_preset(_PRESET.value, dtype=_DTYPE.value,
                                       remat_policy=_REMAT.value, attention_kernel=kernel,
                                       scan_layers=_SCAN.value)
-  optim_config = default.get_config().optim
-  optim_config.schedule, optim_config.warmup_steps, optim_config.learning_rate = (
+  config = default.get_config()
+  config.optim.schedule, config.optim.warmup_steps, config.optim.learning_rate = (
       'constant', 0, 3e-4)
+  config.train.num_steps = 1000
+  config.data.global_batch_size, config.data.seq_len = _BATCH.value, _SEQ.value
+  config.data.eval_batch_size = _BATCH.value
+  optim_config = config.optim
   batch = _random_batch(np.random.default_rng(0), model_config.vocab_size, _BATCH.value,
                         _SEQ.value)
   device = jax.devices()[0]
@@ -154,7 +153,7 @@ def main(argv):
         f'{jax.device_count()} x {device.device_kind}; {flops_per_token / 1e6:.1f} MFLOP/token; '
         f'median of {_STEPS.value} steps after {_WARMUP.value} warm-up', flush=True)
 
-  jax_step = JaxStep(model_config, optim_config, batch)
+  jax_step = JaxStep(config, model_config, batch)
   start = time.perf_counter()
   jax_step()
   print(f'jax: first step (compilation) {time.perf_counter() - start:.1f} s', flush=True)

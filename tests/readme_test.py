@@ -25,7 +25,8 @@ def test_ci_runs_the_readme_install_and_test_commands():
   readme = _readme()
   with open(os.path.join(ROOT, '.ci', 'run')) as f:
     ci = f.read()
-  install = "pip install -e '.[test]'"
+  install = "pip install -e '.[test,tpu]'"
   test = 'python -m pytest -q tests'
-  assert install in readme and install in ci
-  assert test in readme and test in ci.replace('python3 -m pytest', 'python -m pytest')
+  assert f'{install} && {test}' in readme
+  assert install in ci
+  assert test in ci.replace('python3 -m pytest', 'python -m pytest')

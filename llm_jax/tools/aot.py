@@ -22,18 +22,17 @@ import sys
 import time
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from llm_jax.inference import decode
+from llm_jax.inference import slots
 from llm_jax.tools import flops
 from llm_jax.tools import memory
 from llm_jax import model as model_lib
-from llm_jax.training import optim
+from llm_jax.training import builder
 from llm_jax import sharding
-from llm_jax.training import steps as train_steps
 
 _2D_GRIDS = {1: '1x1', 4: '2x2', 8: '2x4', 16: '4x4', 32: '4x8', 64: '8x8', 128: '8x16',
              256: '16x16'}
@@ -139,31 +138,11 @@ def _report(name: str, lowered, model_flops: float, hbm: Optional[int]) -> Compi
                        model_flops, hbm, seconds)
 
 
-def _with_shardings(abstract_tree, shardings):
-  """ShapeDtypeStructs carrying shardings; boxes are opened by hand because nn.unbox would
-  apply sharding constraints when a mesh is active."""
-  boxed = lambda x: isinstance(x, nn.LogicallyPartitioned)
-  plain = jax.tree.map(lambda x: x.value if boxed(x) else x, abstract_tree, is_leaf=boxed)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      plain, shardings)
-
-
-def lower_train_step(config: ml_collections.ConfigDict, model_config: model_lib.ModelConfig,
-                     mesh, rules):
-  """The lowered train step of llm_jax.train for `config`, on abstract sharded inputs."""
-  tx, schedule = optim.create_optimizer(config.optim, config.train.num_steps)
-  batch_shape = (config.data.global_batch_size, config.data.seq_len)
-  abstract_state, _ = train_steps.abstract_train_state(model_config, tx)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
-  batch_sharding = train_steps.batch_shardings(mesh, rules, batch_shape)
-  batch = {key: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if key == 'loss_mask' else jnp.int32,
-                                     sharding=batch_sharding[key])
-           for key in train_steps.BATCH_KEYS}
-  step = train_steps.jit_train_step(model_config, tx, schedule, state_shardings, mesh, rules,
-                                    batch_shape, config.optim.z_loss,
-                                    config.optim.grad_accum_steps)
-  with sharding.activate(mesh, rules):
-    return step.lower(_with_shardings(abstract_state, state_shardings), batch)
+def lower_train_step(config: ml_collections.ConfigDict, devices):
+  """The lowered train step a run of `config` trains with, on abstract sharded inputs."""
+  program = builder.build(config, devices)
+  with sharding.activate(program.mesh, program.rules):
+    return program.train_step.lower(program.abstract_sharded_state(), program.abstract_batch())
 
 
 def lower_decode_step(model_config: model_lib.ModelConfig, mesh, rules, batch_size: int,
@@ -183,12 +162,43 @@ def lower_decode_step(model_config: model_lib.ModelConfig, mesh, rules, batch_si
                  out_shardings=(logits_sharding, {'k': cache_sharding, 'v': cache_sharding}),
                  donate_argnums=3)
   with sharding.activate(mesh, rules):
-    return step.lower(_with_shardings(abstract_params, param_shardings), token, token, cache)
+    return step.lower(builder.with_shardings(abstract_params, param_shardings), token, token, cache)
+
+
+def lower_prefill_step(model_config: model_lib.ModelConfig, mesh, rules, num_slots: int,
+                       cache_len: int, chunk: int):
+  """The serving engine's prefill-and-insert step (`inference.slots.prefill_chunk`): `chunk`
+  prompt tokens written into one slot of a [L, num_slots, cache_len, K, H] cache (donated),
+  lowered."""
+  layout = decode._Layout(mesh, rules)  # pylint: disable=protected-access
+  abstract_params = model_lib.abstract_params(model_config)
+  param_shardings = sharding.tree_shardings(abstract_params, mesh, rules)
+  shape = (model_config.num_layers, num_slots, cache_len, model_config.num_kv_heads,
+           model_config.head_dim)
+  cache = jax.ShapeDtypeStruct(shape, jnp.dtype(model_config.dtype),
+                               sharding=layout.sharding(model_lib.CACHE_AXES, shape))
+  seen_shape = (num_slots, model_config.vocab_size)
+  state = {'cache': {'k': cache, 'v': cache},
+           'seen': jax.ShapeDtypeStruct(seen_shape, bool, sharding=layout.sharding(
+               ('cache_batch', None), seen_shape))}
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=layout.replicated)
+  knobs = {name: jax.ShapeDtypeStruct((1,), dtype, sharding=layout.replicated)
+           for name, dtype in slots.KNOBS}
+  tokens = jax.ShapeDtypeStruct((chunk,), jnp.int32, sharding=layout.replicated)
+  step = jax.jit(functools.partial(slots.prefill_chunk, model_config, layout),
+                 out_shardings=(jax.tree.map(lambda x: x.sharding, state), layout.replicated),
+                 donate_argnums=1)
+  with sharding.activate(mesh, rules):
+    return step.lower(builder.with_shardings(abstract_params, param_shardings), state, scalar, tokens,
+                      scalar, scalar, knobs, scalar)
 
 
 def compile_steps(config: ml_collections.ConfigDict, devices, decode_batch_size: int = 0,
-                  decode_cache_len: int = 0, steps=('train', 'decode')) -> list[CompileReport]:
-  """Compiles the train and/or decode step of `config` for `devices`; one report per step."""
+                  decode_cache_len: int = 0, steps=('train', 'decode'),
+                  prefill_chunk: int = 256) -> list[CompileReport]:
+  """Compiles the train, decode and/or prefill step of `config` for `devices`; one report per
+  step. 'prefill' is the serving engine's chunked prefill into one of `decode_batch_size`
+  slots, `prefill_chunk` prompt tokens per call."""
   model_config = model_lib.from_config_dict(config.model)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   mesh = sharding.create_mesh(config.mesh.shape, config.mesh.axes, config.mesh.num_slices,
@@ -199,7 +209,7 @@ def compile_steps(config: ml_collections.ConfigDict, devices, decode_batch_size:
   if 'train' in steps:
     tokens = config.data.global_batch_size * config.data.seq_len
     model_flops = flops.training_flops_per_token(model_config, config.data.seq_len) * tokens
-    lowered = lower_train_step(config, model_config, mesh, rules)
+    lowered = lower_train_step(config, devices)
     reports.append(_report('train step', lowered, model_flops / num_devices, hbm))
   if 'decode' in steps:
     batch = decode_batch_size or config.data.global_batch_size
@@ -208,6 +218,14 @@ def compile_steps(config: ml_collections.ConfigDict, devices, decode_batch_size:
     lowered = lower_decode_step(model_config, mesh, rules, batch, cache_len)
     reports.append(_report(f'decode step (batch {batch}, cache {cache_len})', lowered,
                            model_flops / num_devices, hbm))
+  if 'prefill' in steps:
+    batch = decode_batch_size or config.data.global_batch_size
+    cache_len = decode_cache_len or config.data.seq_len
+    chunk = min(prefill_chunk, cache_len)
+    model_flops = flops.forward_flops_per_token(model_config, cache_len) * chunk
+    lowered = lower_prefill_step(model_config, mesh, rules, batch, cache_len, chunk)
+    reports.append(_report(f'prefill+insert step ({chunk} tokens into 1 of {batch} slots, '
+                           f'cache {cache_len})', lowered, model_flops / num_devices, hbm))
   return [dataclasses.replace(r, scanned_layers=model_config.scan_layers) for r in reports]
 
 
