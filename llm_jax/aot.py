@@ -23,7 +23,9 @@ def _define_flags() -> dict:
                                              lock_config=True),
       topology=flags.DEFINE_string('topology', 'v5e:2x2', 'TPU topology, e.g. v5e:2x2, v5e-8, '
                                    'v5p-128, v6e-16, or local.'),
-      steps=flags.DEFINE_list('steps', ['train', 'decode'], 'Steps to compile: train, decode.'),
+      steps=flags.DEFINE_list('steps', ['train', 'decode', 'prefill'], 'Steps to compile: '
+                              'train, decode, prefill (the serving engine\'s chunked prefill '
+                              'into one decode slot).'),
       decode_batch_size=flags.DEFINE_integer('decode_batch_size', 0,
                                              'Decode batch; default data.global_batch_size.'),
       decode_cache_len=flags.DEFINE_integer('decode_cache_len', 0,

@@ -14,9 +14,9 @@ import logging
 import os
 
 # Packages whose INFO records are dropped; their WARNING and above are kept.
-QUIET_PACKAGES = ('orbax', 'tensorflow_datasets', 'grain', 'etils')
+QUIET_PACKAGES = ('orbax', 'tensorflow_datasets', 'grain', 'etils', 'gcsfs')
 # Python loggers (not absl) raised to WARNING when nothing set their level before.
-QUIET_LOGGERS = ('jax', 'grain', 'orbax', 'tensorflow_datasets')
+QUIET_LOGGERS = ('jax', 'grain', 'orbax', 'tensorflow_datasets', 'gcsfs')
 
 
 def _package_dirs(names) -> tuple[str, ...]:

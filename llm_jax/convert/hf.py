@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Optional
 import flax.linen as nn
 import jax
 import numpy as np
+from etils import epath
 
 from llm_jax.convert import safetensors_io
 from llm_jax.model.layers.rope import RopeScaling
@@ -285,11 +286,10 @@ def load_hf(path: str, *, param_dtype: Optional[str] = None, scan_layers: bool =
     ValueError: unsupported architecture or setting, missing, unexpected or misshapen tensors,
       unsupported dtypes; the message names the field, tensor or file.
   """
-  config_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.exists(config_path):
+  config_path = epath.Path(path) / CONFIG_FILE
+  if not config_path.exists():
     raise FileNotFoundError(f'{config_path} does not exist')
-  with open(config_path) as f:
-    hf_config = json.load(f)
+  hf_config = json.loads(config_path.read_text())
   # The architecture, then the tensor names are checked before any weight is read.
   declared = config_from_hf(hf_config)
   tensors = safetensors_io.index_directory(path)
@@ -422,13 +422,84 @@ def save_hf(config: ModelConfig, params: Mapping, path: str, *,
   _check_no_extra_params(config, params)
   # Declare the dtype the tensors really have (params may have been cast after training).
   hf_config['dtype'] = hf_config['torch_dtype'] = sources[0][2].name
-  os.makedirs(path, exist_ok=True)
-  existing = sorted(name for name in os.listdir(path) if name.endswith('.safetensors')
-                    or name == safetensors_io.INDEX_FILE)
+  directory = epath.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)  # on cloud storage, nothing until a file is
+  files = directory.iterdir() if directory.exists() else ()
+  existing = sorted(file.name for file in files
+                    if file.name.endswith('.safetensors') or file.name == safetensors_io.INDEX_FILE)
   if existing and not overwrite:
     raise FileExistsError(f'{path} already holds {existing}; pass overwrite=True to replace them')
   for name in existing:
-    os.remove(os.path.join(path, name))
-  safetensors_io.write_checkpoint(path, sources, max_shard_bytes)
-  with open(os.path.join(path, CONFIG_FILE), 'w') as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
+    (directory / name).unlink()
+  safetensors_io.write_checkpoint(os.fspath(directory), sources, max_shard_bytes)
+  (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+
+
+def save_tokenizer(tokenizer, path: str, chat_template: Optional[str] = None) -> None:
+  """Writes the tokenizer next to an export so `transformers.AutoTokenizer` loads it.
+
+  A SentencePiece model (Llama 2, or one a from-scratch run trained) becomes tokenizer.model
+  plus a LlamaTokenizer tokenizer_config.json that encodes text exactly as our tokenizer does
+  (no dummy prefix; BOS added, as the training pipeline does). A tokenizer.json is copied with
+  the tokenizer_config.json found next to it, if any. `chat_template` is stored in
+  tokenizer_config.json.
+  """
+  # Imported here: tokenizer loading is only needed by exports that carry a tokenizer.
+  from llm_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  directory = epath.Path(path)
+  directory.mkdir(parents=True, exist_ok=True)
+  names = {i: text for text, i in tokenizer.special_tokens().items()}
+  config = {}
+  if isinstance(tokenizer, tokenizer_lib.SentencePieceTokenizer):
+    (directory / 'tokenizer.model').write_bytes(tokenizer.model_proto)
+    config = {'tokenizer_class': 'LlamaTokenizer', 'legacy': False, 'add_prefix_space': False,
+              'add_bos_token': True, 'add_eos_token': False}
+  elif isinstance(tokenizer, tokenizer_lib.HuggingFaceTokenizer):
+    (directory / 'tokenizer.json').write_text(tokenizer.to_json(), encoding='utf-8')
+    source_config = epath.Path(tokenizer.path).parent / 'tokenizer_config.json'
+    if source_config.exists():
+      config = json.loads(source_config.read_text(encoding='utf-8'))
+    config.setdefault('tokenizer_class', 'PreTrainedTokenizerFast')
+  else:
+    raise ValueError(f'cannot export tokenizer {tokenizer!r}: expected a SentencePiece or '
+                     'Hugging Face tokenizer')
+  for role, token_id in (('bos', tokenizer.bos_id), ('eos', tokenizer.eos_id),
+                         ('pad', tokenizer.pad_id)):
+    if token_id in names:
+      config.setdefault(f'{role}_token', names[token_id])
+  if chat_template is not None:
+    config['chat_template'] = chat_template
+  (directory / 'tokenizer_config.json').write_text(
+      json.dumps(config, indent=2, ensure_ascii=False), encoding='utf-8')
+
+
+def load_hf_sharded(path: str, shardings, *, param_dtype: Optional[str] = None,
+                    scan_layers: bool = True, **overrides) -> tuple[ModelConfig, dict]:
+  """`load_hf`, with every parameter placed in its target sharding (e.g. a train state's).
+
+  Each device receives only its shards of the host copy (no random initialisation and no
+  replicated copy first), so device memory holds the parameters once.
+
+  Args:
+    path: the Hugging Face directory.
+    shardings: a tree of jax.sharding.Sharding matching the parameter tree.
+    param_dtype, scan_layers, **overrides: as for `load_hf`.
+  """
+  config, params = load_hf(path, param_dtype=param_dtype, scan_layers=scan_layers, **overrides)
+  try:
+    placed = jax.tree.map(
+        lambda array, target: jax.make_array_from_callback(
+            array.shape, target, lambda index, array=array: array[index]), params, shardings)
+  except ValueError as e:
+    raise ValueError(f'the parameters of {path} do not match the target shardings\' tree '
+                     f'(scan_layers={scan_layers}, tie_embeddings={config.tie_embeddings}): '
+                     f'{e}') from e
+  return config, placed
+
+
+def is_hf_directory(path: str) -> bool:
+  """Whether `path` is a transformers checkpoint directory (config.json and safetensors)."""
+  directory = epath.Path(path)
+  if not directory.is_dir() or not (directory / CONFIG_FILE).exists():
+    return False
+  return any(file.name.endswith('.safetensors') for file in directory.iterdir())

@@ -16,7 +16,10 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 from safetensors import numpy as safetensors_numpy
+
+from llm_jax import cloud_paths
 
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -39,17 +42,23 @@ class TensorInfo:
   offset: int
 
   def read(self) -> np.ndarray:
-    """Read-only memory map of the tensor; pages are read only when copied."""
+    """Read-only memory map of the tensor (pages are read only when copied); on cloud storage,
+    which cannot be mapped, the tensor's byte range is read."""
     if math.prod(self.shape) == 0:  # np.memmap cannot map zero bytes; a scalar () has one
       return np.zeros(self.shape, self.dtype)
+    if cloud_paths.is_cloud(self.filename):
+      with epath.Path(self.filename).open('rb') as f:
+        f.seek(self.offset)
+        data = f.read(math.prod(self.shape) * self.dtype.itemsize)
+      return np.frombuffer(data, self.dtype).reshape(self.shape)
     return np.memmap(self.filename, dtype=self.dtype, mode='r', offset=self.offset,
                      shape=self.shape)
 
 
 def read_header(filename: str) -> dict[str, TensorInfo]:
   """Parses one .safetensors file's header into TensorInfo by tensor name."""
-  size = os.path.getsize(filename)
-  with open(filename, 'rb') as f:
+  size = epath.Path(filename).stat().length
+  with epath.Path(filename).open('rb') as f:
     prefix = f.read(8)
     if len(prefix) < 8:
       raise ValueError(f'{filename} is not a safetensors file (shorter than its 8-byte prefix)')
@@ -80,22 +89,21 @@ def read_header(filename: str) -> dict[str, TensorInfo]:
 
 def index_directory(directory: str) -> dict[str, TensorInfo]:
   """TensorInfo for every tensor of a checkpoint directory (single file or sharded with index)."""
-  index_path = os.path.join(directory, INDEX_FILE)
-  single_path = os.path.join(directory, SINGLE_FILE)
+  index_path = epath.Path(directory) / INDEX_FILE
+  single_path = epath.Path(directory) / SINGLE_FILE
   # transformers also prefers the single file when both are present.
-  if os.path.exists(single_path):
-    return read_header(single_path)
-  if os.path.exists(index_path):
-    with open(index_path) as f:
-      weight_map = json.load(f).get('weight_map')
+  if single_path.exists():
+    return read_header(os.fspath(single_path))
+  if index_path.exists():
+    weight_map = json.loads(index_path.read_text()).get('weight_map')
     if not isinstance(weight_map, dict):
       raise ValueError(f'{index_path} has no "weight_map" object')
     tensors = {}
     for shard in sorted(set(weight_map.values())):
-      path = os.path.join(directory, shard)
-      if not os.path.exists(path):
+      path = epath.Path(directory) / shard
+      if not path.exists():
         raise FileNotFoundError(f'{index_path} names shard {shard}, which does not exist')
-      shard_tensors = read_header(path)
+      shard_tensors = read_header(os.fspath(path))
       duplicated = sorted(set(shard_tensors) & set(tensors))
       if duplicated:
         raise ValueError(f'tensors {duplicated[:5]} appear in {shard} and in another shard')
@@ -108,7 +116,8 @@ def index_directory(directory: str) -> dict[str, TensorInfo]:
       raise ValueError(f'shards in {directory} hold tensors missing from {INDEX_FILE}: '
                        f'{unlisted[:5]}')
     return tensors
-  found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+  found = (sorted(p.name for p in epath.Path(directory).iterdir())
+           if epath.Path(directory).is_dir() else [])
   raise FileNotFoundError(f'no {SINGLE_FILE} or {INDEX_FILE} in {directory} (found {found}); '
                           'only safetensors checkpoints are supported')
 
@@ -155,10 +164,14 @@ def write_checkpoint(directory: str, sources: Iterable[TensorSource], max_shard_
       arrays[name] = array
       weight_map[name] = shard_name
       total_size += array.nbytes
-    safetensors_numpy.save_file(arrays, os.path.join(directory, shard_name), metadata=metadata)
+    shard_path = epath.Path(directory) / shard_name
+    if cloud_paths.is_cloud(shard_path):  # no local file to write to: upload the bytes
+      shard_path.write_bytes(safetensors_numpy.save(arrays, metadata=metadata))
+    else:
+      safetensors_numpy.save_file(arrays, os.fspath(shard_path), metadata=metadata)
     del arrays
   if len(shards) > 1:
-    with open(os.path.join(directory, INDEX_FILE), 'w') as f:
-      json.dump({'metadata': {'total_size': total_size}, 'weight_map': weight_map}, f, indent=2)
+    (epath.Path(directory) / INDEX_FILE).write_text(json.dumps(
+        {'metadata': {'total_size': total_size}, 'weight_map': weight_map}, indent=2))
     names.append(INDEX_FILE)
   return names

@@ -6,15 +6,17 @@
   files. One config per interpreter version, so a different Python builds its own copy.
 * `TextFiles`: the user's own `.txt` / `.jsonl` files matching a glob. A `.jsonl` line is one
   document (its `jsonl_field`); a `.txt` file is cut at line ends into documents of at most
-  `TXT_DOCUMENT_CHARS` (a longer line stays whole), so one big file still gives a train and a
-  validation split. The config name is a fingerprint of the files (paths, sizes, modification
-  times), so edited files are rebuilt.
+  `TXT_DOCUMENT_CHARS` (a longer line stays whole; a small file into about 64 pieces of at least
+  `TXT_MIN_DOCUMENT_CHARS`), so one big file still gives a train and a validation split. The
+  config name is a fingerprint of the files (paths, sizes, modification times), so edited files
+  are rebuilt.
 
 Both split documents into train and validation by a hash of their key (relative path, plus line
-or chunk number): about VALIDATION_PERCENT go to validation, and at least one document when
-there are two or more. Both have the features {'text': Text, 'path': Text} and record in
-`info.metadata` how many files held bytes that are not UTF-8 (decoded with U+FFFD replacement
-characters) or, for TextFiles, were empty; the counts are also logged with the file names.
+or chunk number): about VALIDATION_PERCENT go to validation, and at least
+MIN_VALIDATION_DOCUMENTS when there are twice as many (one of two, two of four...). Both have
+the features {'text': Text, 'path': Text} and record in `info.metadata` how many files held
+bytes that are not UTF-8 (decoded with U+FFFD replacement characters) or, for TextFiles, were
+empty; the counts are also logged with the file names.
 Preparing them needs no TensorFlow: tfds' GeneratorBasedBuilder writes ArrayRecord by itself.
 """
 
@@ -31,8 +33,15 @@ from absl import logging
 from etils import epath
 import tensorflow_datasets as tfds
 
+from llm_jax import cloud_paths
+
 VALIDATION_PERCENT = 2.0
+# A small corpus's validation split still holds this many documents (when it has twice as many):
+# a loss measured on one document says more about that document than about the model.
+MIN_VALIDATION_DOCUMENTS = 4
 TXT_DOCUMENT_CHARS = 32_768
+TXT_MIN_DOCUMENT_CHARS = 2_048
+TXT_DOCUMENTS_PER_FILE = 64
 TEXT_SUFFIXES = ('.txt', '.jsonl')
 _EXCLUDED_TOP_DIRS = ('site-packages', 'dist-packages', 'test')
 _EXCLUDED_DIRS = ('tests', 'idle_test', '__pycache__')
@@ -40,13 +49,15 @@ _LOGGED_FILES = 5  # a warning names at most this many files
 
 
 def validation_keys(keys: Sequence[str], percent: float = VALIDATION_PERCENT) -> set[str]:
-  """The keys whose SHA-256 falls in the lowest `percent`; at least one when there are two."""
+  """The keys whose SHA-256 falls in the lowest `percent`, topped up with the next lowest to
+  MIN_VALIDATION_DOCUMENTS (never more than half of the keys, at least one of two)."""
   hashes = {key: int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], 'big')
             for key in keys}
   threshold = percent / 100 * 2**64
   chosen = {key for key, h in hashes.items() if h < threshold}
-  if not chosen and len(hashes) >= 2:
-    chosen = {min(hashes, key=hashes.get)}
+  minimum = max(min(MIN_VALIDATION_DOCUMENTS, len(hashes) // 2), 1 if len(hashes) >= 2 else 0)
+  if len(chosen) < minimum:
+    chosen = set(sorted(hashes, key=hashes.get)[:minimum])
   return chosen
 
 
@@ -163,19 +174,43 @@ def resolve_text_files(pattern: str) -> list[str]:
   if not pattern:
     raise ValueError('config.data.text_glob is empty; set it to the .txt/.jsonl files to train '
                      'on, e.g. --config.data.text_glob=/data/*.txt')
-  pattern = os.path.expanduser(pattern)
-  if not glob.has_magic(pattern) and not os.path.exists(pattern):
+  pattern = pattern if cloud_paths.is_cloud(pattern) else os.path.expanduser(pattern)
+  if not glob.has_magic(pattern) and not epath.Path(pattern).exists():
     raise FileNotFoundError(f'text file {pattern} (config.data.text_glob) does not exist')
-  if os.path.isdir(pattern):
+  if epath.Path(pattern).is_dir():
     pattern = os.path.join(pattern, '**', '*')
-  files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  if cloud_paths.is_cloud(pattern):
+    files = _cloud_glob(pattern)
+  else:
+    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not files:
     raise FileNotFoundError(f'no files match config.data.text_glob={pattern!r}')
   unsupported = [f for f in files if not f.endswith(TEXT_SUFFIXES)]
   if unsupported:
     raise ValueError(f'config.data.text_glob={pattern!r} matches files that are neither .txt '
                      f'nor .jsonl: {unsupported[:_LOGGED_FILES]}')
-  return [os.path.abspath(f) for f in files]
+  return files if cloud_paths.is_cloud(pattern) else [os.path.abspath(f) for f in files]
+
+
+def _cloud_files_below(directory: epath.Path) -> Iterator[str]:
+  for child in directory.iterdir():
+    if child.is_dir():
+      yield from _cloud_files_below(child)
+    else:
+      yield os.fspath(child)
+
+
+def _cloud_glob(pattern: str) -> list[str]:
+  """The sorted files matching a cloud pattern (gs://bucket/dir/*.txt, gs://bucket/dir/**/*)."""
+  parts = pattern.split('/')
+  first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+  root, rest = epath.Path('/'.join(parts[:first_magic])), '/'.join(parts[first_magic:])
+  if rest == '**/*':  # a directory: every file below it
+    return sorted(_cloud_files_below(root))
+  if '**' in rest:  # etils.epath refuses it on cloud storage (one listing per folder)
+    raise ValueError(f'config.data.text_glob={pattern!r}: ** is not supported on cloud '
+                     'storage; name the folder itself to take every file below it, or use *')
+  return sorted(os.fspath(p) for p in root.glob(rest) if p.is_file())
 
 
 @dataclasses.dataclass
@@ -190,8 +225,12 @@ def text_files_config(pattern: str, jsonl_field: str = 'text') -> TextFilesConfi
   files = resolve_text_files(pattern)
   fingerprint = hashlib.sha256(jsonl_field.encode())
   for path in files:
-    info = os.stat(path)
-    fingerprint.update(f'{path}\0{info.st_size}\0{info.st_mtime_ns}\0'.encode())
+    if cloud_paths.is_cloud(path):
+      info = epath.Path(path).stat()
+      fingerprint.update(f'{path}\0{info.length}\0{info.mtime}\0'.encode())
+    else:
+      info = os.stat(path)
+      fingerprint.update(f'{path}\0{info.st_size}\0{info.st_mtime_ns}\0'.encode())
   return TextFilesConfig(name=f'files_{fingerprint.hexdigest()[:16]}', files=tuple(files),
                          jsonl_field=jsonl_field, description=f'{len(files)} files: {pattern}')
 
@@ -202,11 +241,17 @@ def _relative_names(files: Sequence[str]) -> list[str]:
 
 
 def _txt_documents(text: str) -> Iterator[str]:
-  """Cuts a text at line ends into pieces of at most TXT_DOCUMENT_CHARS (a longer line alone)."""
+  """Cuts a text at line ends into pieces of at most TXT_DOCUMENT_CHARS (a longer line alone).
+
+  A small file is cut finer, into about TXT_DOCUMENTS_PER_FILE pieces of at least
+  TXT_MIN_DOCUMENT_CHARS, so that its validation split is a few pieces, not a quarter of it.
+  """
+  limit = min(TXT_DOCUMENT_CHARS,
+              max(TXT_MIN_DOCUMENT_CHARS, len(text) // TXT_DOCUMENTS_PER_FILE))
   chunk = []
   size = 0
   for line in text.splitlines(keepends=True):
-    if chunk and size + len(line) > TXT_DOCUMENT_CHARS:
+    if chunk and size + len(line) > limit:
       yield ''.join(chunk)
       chunk, size = [], 0
     chunk.append(line)
@@ -240,13 +285,14 @@ def _jsonl_documents(data: bytes, path: str, field: str, stats: _FileStats) -> I
 
 class TextFiles(_LocalBuilder):
   """Local .txt / .jsonl files; construct with `config=text_files_config(pattern, field)`."""
+  # 1.1.0: small .txt files cut into smaller documents; small validation splits of 2 to 4.
+  VERSION = tfds.core.Version('1.1.0')
 
   def _documents(self, stats: _FileStats) -> Iterator[tuple[str, str]]:
     """(key, text) of every non-empty document, in file order."""
     files = self.builder_config.files
     for path, name in zip(files, _relative_names(files)):
-      with open(path, 'rb') as f:
-        data = f.read()
+      data = epath.Path(path).read_bytes()
       if not data.strip():
         stats.empty.append(path)
         continue
@@ -270,7 +316,7 @@ class TextFiles(_LocalBuilder):
       raise ValueError(f'the files of config.data.text_glob ({self.builder_config.description}) '
                        f'hold {"no text" if not keys else "only one document"}; a train and a '
                        'validation split need at least two (add files, or text of over '
-                       f'{TXT_DOCUMENT_CHARS} characters)')
+                       f'{TXT_MIN_DOCUMENT_CHARS} characters)')
     validation = validation_keys(keys)
     return {'train': self._generate_examples(validation, False),
             'validation': self._generate_examples(validation, True)}

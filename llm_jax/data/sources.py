@@ -2,7 +2,7 @@
 
 `config.data.dataset` picks the source:
   * 'stdlib': the embedded Python standard-library corpus (builders.PythonStdlib);
-  * 'text_files': local .txt/.jsonl files matching `config.data.text_glob`;
+  * 'text_files': .txt/.jsonl files (local or gs://) matching `config.data.text_glob`;
   * 'tfds': any TFDS catalogue dataset with a text feature, `config.data.tfds_name`
     (e.g. 'lm1b', 'c4/en:3.1.0', 'wikipedia/20230601.en'), read with `tfds.data_source`.
 All are ArrayRecord files under `config.data.tfds_data_dir` ('' = TFDS' default,

@@ -189,8 +189,8 @@ def lower_prefill_step(model_config: model_lib.ModelConfig, mesh, rules, num_slo
                  out_shardings=(jax.tree.map(lambda x: x.sharding, state), layout.replicated),
                  donate_argnums=1)
   with sharding.activate(mesh, rules):
-    return step.lower(builder.with_shardings(abstract_params, param_shardings), state, scalar, tokens,
-                      scalar, scalar, knobs, scalar)
+    return step.lower(builder.with_shardings(abstract_params, param_shardings), state, scalar,
+                      tokens, scalar, scalar, knobs, scalar)
 
 
 def compile_steps(config: ml_collections.ConfigDict, devices, decode_batch_size: int = 0,

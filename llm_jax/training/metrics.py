@@ -10,6 +10,7 @@ from absl import logging
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from llm_jax import cloud_paths
 from llm_jax.tools import flops
 
 
@@ -126,11 +127,9 @@ SUMMARY_FILENAME = 'summary.json'
 
 
 def write_summary(workdir, summary: dict):
-  """Writes summary.json atomically (temporary file, then rename)."""
+  """Writes summary.json atomically (readers never see part of it)."""
   path = epath.Path(workdir) / SUMMARY_FILENAME
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
-  tmp.replace(path)
+  cloud_paths.write_atomically(path, json.dumps(summary, indent=2, sort_keys=True))
   logging.info('wrote %s', path)
 
 

@@ -1,0 +1,409 @@
+"""A continuous-batching engine: many requests share B decode slots and one compiled step.
+
+    engine = Engine(config, params, num_slots=32, tokenizer=tokenizer)
+    engine.start()
+    request = engine.submit(prompt_ids, SamplingParams(max_tokens=64), on_output)
+    ...
+    engine.shutdown()
+
+One thread (the engine's own) owns the device. Between two decode steps it admits waiting
+requests into free slots (each prompt prefilled in chunks straight into its slot's cache row,
+see `slots.prefill_chunk`), drops cancelled ones, then runs one compiled step over all B slots
+(`slots.decode_slots`) and hands every active request its new token. Requests thus join and
+leave at every step; nothing waits for a batch to finish. Outputs reach the caller through its
+`on_output` callback, called on the engine thread: it must return quickly (the HTTP server
+only moves the Output to its event loop).
+
+Each slot samples with its own parameters and PRNG seed, and its tokens go only to the request
+that holds the slot: a request's tokens are read from its slot's row and its row is reset by
+the first chunk of the next request's prefill. The programs compile once per chunk size (a
+few powers of two up to `chunk_size`) and once for the step; per-request parameters are
+runtime values.
+"""
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import model as model_lib
+from llm_jax import sharding
+from llm_jax.inference import decode
+from llm_jax.inference import slots as slots_lib
+from llm_jax.inference.requests import (Output, QueueFullError, SamplingParams,
+                                        ShuttingDownError, TextTracker)
+
+__all__ = ['Engine', 'Output', 'QueueFullError', 'Request', 'SamplingParams',
+           'ShuttingDownError']
+
+_MIN_CHUNK = 16
+# pylint: disable=protected-access  (the engine shares decode.py's layout and placement helpers)
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """One request's host-side bookkeeping (fields after `on_output` belong to the engine)."""
+  id: int
+  prompt: np.ndarray  # [P] int32
+  params: SamplingParams
+  on_output: Callable[[Output], None]
+  tracker: TextTracker
+  submitted: float
+  cancelled: bool = False
+  slot: Optional[int] = None
+  num_new: int = 0
+  first_token_time: Optional[float] = None
+  finished: bool = False
+
+
+def _chunk_sizes(chunk_size: int) -> list:
+  sizes = [_MIN_CHUNK]
+  while sizes[-1] < chunk_size:
+    sizes.append(min(sizes[-1] * 2, chunk_size))
+  return sizes
+
+
+class Engine:
+  """Continuous batching over `num_slots` decode slots; see the module docstring.
+
+  Args:
+    config: the model's ModelConfig.
+    params: its parameters (boxed or not, stacked or unrolled as the config says).
+    num_slots: B, requests decoded together.
+    max_len: cache length S per slot (prompt + new tokens); default config.max_seq_len.
+    max_queue: requests that may wait for a slot; more get QueueFullError.
+    chunk_size: prompt tokens per prefill call.
+    tokenizer: turns tokens into text (and enables stop strings); ids it cannot decode are
+      never generated.
+    mesh, rules, cache_dtype, unroll_layers: as in `decode.generate`.
+  """
+
+  def __init__(self, config: model_lib.ModelConfig, params, *, num_slots: int = 8,
+               max_len: Optional[int] = None, max_queue: int = 64, chunk_size: int = 256,
+               tokenizer=None, mesh=None, rules=None, cache_dtype=None,
+               unroll_layers: Optional[bool] = None):
+    self.layout = decode._make_layout(mesh, rules)
+    multiple = self.layout.batch_multiple()
+    if num_slots < 1 or num_slots % multiple:
+      raise ValueError(f'num_slots={num_slots}; expected a positive multiple of {multiple} '
+                       '(the data axes of the mesh)')
+    self.max_len = config.max_seq_len if max_len is None else max_len
+    if not 1 < self.max_len <= config.max_seq_len:
+      raise ValueError(f'max_len={max_len}; expected 2..{config.max_seq_len} (max_seq_len)')
+    if chunk_size < _MIN_CHUNK:
+      raise ValueError(f'chunk_size={chunk_size}; expected at least {_MIN_CHUNK}')
+    self.config, self.tokenizer, self.num_slots = config, tokenizer, num_slots
+    self.max_queue = max_queue
+    self._chunk_sizes = _chunk_sizes(chunk_size)
+    self._num_tokens = np.int32(config.vocab_size if tokenizer is None else
+                                min(tokenizer.vocab_size, config.vocab_size))
+    run_config = decode._run_config(config, self.layout, unroll_layers)
+    platform = self.layout.mesh.devices.flat[0].platform
+    self._score_config = run_config.replace(
+        attention_kernel=slots_lib.efficient_kernel(run_config, platform))
+    with sharding.activate(self.layout.mesh, self.layout.rules):
+      self._params = decode._place_params(config, params, self.layout, run_config)
+    self._state = self._initial_state(run_config, cache_dtype)
+    shardings = jax.tree.map(lambda x: x.sharding, self._state)
+    self._prefill, self._step = slots_lib.compiled_programs(run_config, self.layout, shardings)
+    self._scorer = slots_lib.compiled_scorer(self._score_config, self.layout)
+    self._last = np.zeros((num_slots,), np.int32)
+    self._positions = np.zeros((num_slots,), np.int32)
+    self._counts = np.zeros((num_slots,), np.int32)
+    self._knobs = {name: np.zeros((num_slots,), dtype) for name, dtype in slots_lib.KNOBS}
+    self._slots: list = [None] * num_slots
+    self._waiting: collections.deque = collections.deque()
+    self._score_jobs: collections.deque = collections.deque()
+    self._cond = threading.Condition()
+    self._ids = itertools.count()
+    self._accepting = True
+    self._stopping = False
+    self._thread = threading.Thread(target=self._run, name='llm_jax-engine', daemon=True)
+    self.error: Optional[str] = None
+    self.stats = collections.Counter()  # tokens, requests, cancelled, ... (engine thread)
+    self._recent = collections.deque(maxlen=256)  # (time, tokens) of recent steps
+
+  def _initial_state(self, run_config, cache_dtype) -> dict:
+    dtype = decode._cache_dtype(self.config, self.layout, cache_dtype)
+    shape = (run_config.num_layers, self.num_slots, self.max_len, run_config.num_kv_heads,
+             run_config.head_dim)
+    cache_sharding = self.layout.sharding(model_lib.CACHE_AXES, shape)
+    seen_shape = (self.num_slots, run_config.vocab_size)
+    zeros = jax.jit(lambda: {'cache': {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)},
+                             'seen': jnp.zeros(seen_shape, bool)},
+                    out_shardings={'cache': {'k': cache_sharding, 'v': cache_sharding},
+                                   'seen': self.layout.sharding(('cache_batch', None),
+                                                                seen_shape)})
+    return zeros()
+
+  # --------------------------------------------------------------------------- client side
+
+  def start(self) -> 'Engine':
+    """Starts the engine thread (once; later calls do nothing)."""
+    with self._cond:
+      if not self._thread.is_alive() and not self._stopping:
+        self._thread.start()
+    return self
+
+  def check_prompt(self, prompt: Sequence[int], max_tokens: int) -> np.ndarray:
+    """The prompt as int32 ids, or a ValueError naming what is wrong with it."""
+    ids = np.asarray(prompt)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError('prompt must be a non-empty list of token ids')
+    bad = (ids < 0) | (ids >= self.config.vocab_size)
+    if bad.any():
+      raise ValueError(f'prompt token id {ids[np.argmax(bad)]} is outside the vocabulary '
+                       f'[0, {self.config.vocab_size})')
+    if ids.size + max_tokens > self.max_len:
+      raise ValueError(f'the prompt has {ids.size} tokens; with max_tokens={max_tokens} it '
+                       f'needs {ids.size + max_tokens} positions, more than the context length '
+                       f'{self.max_len}')
+    return ids.astype(np.int32)
+
+  def submit(self, prompt: Sequence[int], params: SamplingParams,
+             on_output: Callable[[Output], None]) -> Request:
+    """Queues a request; its Outputs go to `on_output` (on the engine thread).
+
+    Raises ValueError (bad prompt), QueueFullError or ShuttingDownError.
+    """
+    ids = self.check_prompt(prompt, params.max_tokens)
+    request = Request(next(self._ids), ids, params, on_output,
+                      TextTracker(self.tokenizer, params.stop), time.monotonic())
+    with self._cond:
+      if not self._accepting:
+        raise ShuttingDownError('the server is shutting down')
+      if len(self._waiting) >= self.max_queue + self._free_slot_count():
+        raise QueueFullError(f'{len(self._waiting)} requests are already waiting for one of '
+                             f'{self.num_slots} slots; retry later')
+      self._waiting.append(request)
+      self._cond.notify()
+    return request
+
+  def cancel(self, request: Request) -> None:
+    """Stops a request; its slot is free before the next decode step."""
+    with self._cond:
+      request.cancelled = True
+      self._cond.notify()
+
+  def score(self, prompt: Sequence[int]) -> concurrent.futures.Future:
+    """Future of (logprob of each token after the first [P-1], top ids [P, 5], top logprobs
+    [P, 5]) for a token sequence; runs on the engine thread between steps."""
+    ids = self.check_prompt(prompt, 0)
+    future = concurrent.futures.Future()
+    with self._cond:
+      if not self._accepting:
+        raise ShuttingDownError('the server is shutting down')
+      self._score_jobs.append((ids, future))
+      self._cond.notify()
+    return future
+
+  def shutdown(self, timeout: Optional[float] = None) -> None:
+    """Stops accepting requests, finishes the queued and running ones, stops the thread."""
+    with self._cond:
+      self._accepting = False
+      self._stopping = True
+      self._cond.notify()
+    if self._thread.is_alive():
+      self._thread.join(timeout)
+
+  def load(self) -> dict:
+    """Queue length, active slots and recent output tokens/s (approximate, lock-free)."""
+    now = time.monotonic()
+    recent = [(t, n) for t, n in list(self._recent) if now - t < 10.0]
+    rate = 0.0
+    if len(recent) > 1 and recent[-1][0] > recent[0][0]:
+      rate = sum(n for _, n in recent[1:]) / (recent[-1][0] - recent[0][0])
+    return {'waiting': len(self._waiting), 'active': sum(s is not None for s in self._slots),
+            'slots': self.num_slots, 'tokens_per_second': rate}
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               params: Sequence[SamplingParams]) -> list:
+    """Submits all requests at once and waits: each one's new token ids (blocking helper)."""
+    results = [[] for _ in prompts]
+    done = [threading.Event() for _ in prompts]
+    errors = []
+
+    def collect(i):
+      def on_output(output: Output):
+        results[i].extend(output.token_ids)
+        if output.finish_reason is not None:
+          if output.error:
+            errors.append(output.error)
+          done[i].set()
+      return on_output
+
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+      self.submit(prompt, p, collect(i))
+    for event in done:
+      event.wait()
+    if errors:
+      raise RuntimeError(f'engine failed: {errors[0]}')
+    return results
+
+  # --------------------------------------------------------------------------- engine thread
+
+  def _free_slot_count(self) -> int:
+    return sum(s is None for s in self._slots)
+
+  def _next_work(self):
+    """Admits waiting requests into free slots; blocks while idle; None when done."""
+    with self._cond:
+      while True:
+        while self._waiting and None in self._slots:
+          request = self._waiting.popleft()
+          if request.cancelled:
+            self._finish(request, 'cancelled')
+            continue
+          request.slot = self._slots.index(None)
+          self._slots[request.slot] = request
+        scores = list(self._score_jobs)
+        self._score_jobs.clear()
+        busy = any(s is not None for s in self._slots)
+        if scores or busy:
+          return scores
+        if self._stopping:
+          return None
+        self._cond.wait()
+
+  def _warm_up(self) -> None:
+    """Compiles every program before the first request, so that none waits for a compile.
+
+    Prefills slot 0 with each chunk size and steps with every slot free; slot 0's row is
+    reset by its next request's first chunk.
+    """
+    row_knobs = {name: values[:1] for name, values in self._knobs.items()}
+    for size in self._chunk_sizes:
+      self._state, _ = self._prefill(self._params, self._state, np.int32(0),
+                                     np.zeros((size,), np.int32), np.int32(0), np.int32(size),
+                                     row_knobs, self._num_tokens)
+    self._state, drawn = self._step(self._params, self._state, self._last, self._positions,
+                                    np.zeros((self.num_slots,), bool), self._knobs,
+                                    self._counts, self._num_tokens)
+    jax.block_until_ready(drawn)
+
+  def _run(self) -> None:
+    try:
+      with sharding.activate(self.layout.mesh, self.layout.rules):
+        self._warm_up()
+        while (scores := self._next_work()) is not None:
+          for ids, future in scores:
+            self._run_score(ids, future)
+          for request in list(self._slots):
+            if request is not None and request.cancelled:
+              self._finish(request, 'cancelled')
+            elif request is not None and request.num_new == 0:
+              self._run_prefill(request)
+          if any(s is not None for s in self._slots):
+            self._run_step()
+    except Exception as e:  # pylint: disable=broad-except
+      # Every waiting client must hear of it; the exception itself is logged in full.
+      logging.exception('engine thread failed')
+      self.error = f'{type(e).__name__}: {e}'
+      with self._cond:
+        self._accepting = False
+        pending = [r for r in self._slots if r is not None] + list(self._waiting)
+        self._waiting.clear()
+        for _, future in self._score_jobs:
+          future.set_exception(RuntimeError(self.error))
+      for request in pending:
+        self._finish(request, 'error', error=self.error)
+
+  def _run_score(self, ids: np.ndarray, future: concurrent.futures.Future) -> None:
+    size = max(_MIN_CHUNK, 1 << (ids.size - 1).bit_length())
+    tokens = np.zeros((1, size), np.int32)
+    tokens[0, :ids.size] = ids
+    following, top_ids, top_logprobs = jax.device_get(
+        self._scorer(self._params, tokens, self._num_tokens))
+    future.set_result((following[:ids.size - 1], top_ids[:ids.size],
+                       top_logprobs[:ids.size]))
+
+  def _set_knobs(self, slot: int, params: SamplingParams) -> None:
+    for name, _ in slots_lib.KNOBS:
+      self._knobs[name][slot] = getattr(params, name)
+
+  def _run_prefill(self, request: Request) -> None:
+    slot, prompt = request.slot, request.prompt
+    if request.params.max_tokens == 0:
+      self._finish(request, 'length')
+      return
+    self._set_knobs(slot, request.params)
+    row_knobs = {name: values[slot:slot + 1] for name, values in self._knobs.items()}
+    start = 0
+    while start < prompt.size:
+      size = next((c for c in self._chunk_sizes if c >= prompt.size - start),
+                  self._chunk_sizes[-1])
+      chunk = np.zeros((size,), np.int32)
+      piece = prompt[start:start + size]
+      chunk[:piece.size] = piece
+      self._state, first = self._prefill(self._params, self._state, np.int32(slot), chunk,
+                                         np.int32(start), np.int32(prompt.size), row_knobs,
+                                         self._num_tokens)
+      start += size
+    token, logprob, top_ids, top_logprobs = (x[0] for x in jax.device_get(first))
+    self._last[slot], self._positions[slot], self._counts[slot] = token, prompt.size, 1
+    request.first_token_time = time.monotonic()
+    self._deliver(request, token, logprob, top_ids, top_logprobs)
+
+  def _run_step(self) -> None:
+    active = np.array([s is not None and s.num_new > 0 for s in self._slots])
+    self._state, drawn = self._step(self._params, self._state, self._last, self._positions,
+                                    active, self._knobs, self._counts, self._num_tokens)
+    tokens, logprobs, top_ids, top_logprobs = jax.device_get(drawn)
+    self._recent.append((time.monotonic(), int(active.sum())))
+    for slot in np.flatnonzero(active):
+      request = self._slots[slot]
+      self._last[slot] = tokens[slot]
+      self._positions[slot] += 1
+      self._counts[slot] += 1
+      self._deliver(request, tokens[slot], logprobs[slot], top_ids[slot], top_logprobs[slot])
+
+  def _deliver(self, request: Request, token, logprob, top_ids, top_logprobs) -> None:
+    """Hands one new token to its request, and ends the request when it is complete."""
+    request.num_new += 1
+    self.stats['tokens'] += 1
+    params = request.params
+    top = [(int(i), float(lp)) for i, lp in zip(top_ids[:params.logprobs],
+                                                 top_logprobs[:params.logprobs])]
+    output = Output([int(token)], [float(logprob)], [top])
+    if int(token) in params.stop_ids:
+      output.finish_reason = 'stop'
+    else:
+      output.text = request.tracker.add([int(token)])
+      if request.tracker.stopped:
+        output.finish_reason = 'stop'
+      elif request.num_new >= params.max_tokens:
+        output.finish_reason = 'length'
+        output.text += request.tracker.flush()
+    self._emit(request, output)
+    if output.finish_reason is not None:
+      self._release(request)
+
+  def _finish(self, request: Request, reason: str, error: Optional[str] = None) -> None:
+    if reason == 'cancelled':
+      self.stats['cancelled'] += 1
+    self._emit(request, Output([], [], [], finish_reason=reason, error=error))
+    self._release(request)
+
+  def _release(self, request: Request) -> None:
+    request.finished = True
+    self.stats['requests'] += 1
+    if request.slot is not None and self._slots[request.slot] is request:
+      self._slots[request.slot] = None
+
+  def _emit(self, request: Request, output: Output) -> None:
+    if request.finished:
+      return
+    try:
+      request.on_output(output)
+    except Exception:  # pylint: disable=broad-except
+      # A broken consumer loses its own request, never the engine or the other requests.
+      logging.exception('output callback of request %d failed; cancelling it', request.id)
+      request.cancelled = True

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving of a continuous-batching engine (`app.create_app`)."""
