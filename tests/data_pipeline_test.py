@@ -155,16 +155,36 @@ def test_processes_read_disjoint_shards_covering_the_split(corpus):
   config = config.copy_and_resolve_references()
   config.update(packing=False, seq_len=128)  # one whole document per row
   documents = _train_documents(config, tokenizer)
+  batches_in_an_epoch = len(documents) // config.global_batch_size
   seen = []
   for process_index in (0, 1):
     iterator = pipeline.make_train_iterator(config, tokenizer, seed=0,
                                             process_index=process_index, process_count=2)
-    batches = _take(iterator, len(documents) // 4 + 1)  # 2 rows a batch: one epoch of a shard
+    batches = _take(iterator, batches_in_an_epoch)
     iterator.close()
     assert batches[0]['inputs'].shape == (2, 128)
     seen.append(set(_documents_in_order(batches)))
   assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(documents)
+  assert seen[0] | seen[1] <= set(documents)
+  assert len(seen[0] | seen[1]) == batches_in_an_epoch * config.global_batch_size
+
+
+def test_the_global_batch_does_not_depend_on_the_number_of_processes(corpus):
+  config, tokenizer, _ = corpus
+  one = pipeline.make_train_iterator(config, tokenizer, seed=0)
+  expected = _take(one, 3)
+  one.close()
+  per_process = []
+  for process_index in (0, 1):
+    iterator = pipeline.make_train_iterator(config, tokenizer, seed=0,
+                                            process_index=process_index, process_count=2)
+    per_process.append(_take(iterator, 3))
+    iterator.close()
+  for step in range(3):
+    for key in expected[step]:
+      np.testing.assert_array_equal(
+          np.concatenate([per_process[0][step][key], per_process[1][step][key]]),
+          expected[step][key])
 
 
 def test_epochs_repeat_reshuffled_and_the_seed_sets_the_order(corpus):
