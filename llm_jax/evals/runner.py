@@ -114,7 +114,8 @@ def run(*, tasks: Sequence[str], workdir: Optional[str] = None, hf_dir: Optional
   config, params, tokenizer_impl = model_source.load_model(
       workdir=workdir, hf_dir=hf_dir, tokenizer_path=tokenizer)
   model = tasks_lib.EvalModel.create(config, params, tokenizer_impl,
-                                     mesh=model_source.parse_mesh(mesh), batch_size=batch_size)
+                                     mesh=model_source.parse_mesh(mesh), batch_size=batch_size,
+                                     model_dir=hf_dir or workdir)
   results = evaluate(model, specs, data_dir)
   if output_dir:
     write_results(results, output_dir)

@@ -84,11 +84,13 @@ class EvalModel:
   params: Any
   tokenizer: Any
   scorer: scoring.Scorer
+  model_dir: Optional[str] = None  # where the model's own chat template may be (HF directory)
 
   @classmethod
-  def create(cls, config, params, tokenizer, *, mesh=None, rules=None, batch_size: int = 8):
+  def create(cls, config, params, tokenizer, *, mesh=None, rules=None, batch_size: int = 8,
+             model_dir: Optional[str] = None):
     scorer = scoring.Scorer(config, params, mesh=mesh, rules=rules, batch_size=batch_size)
-    return cls(config, scorer.params, tokenizer, scorer)
+    return cls(config, scorer.params, tokenizer, scorer, model_dir)
 
 
 def _field(spec: TaskSpec, example: dict, key: str):
@@ -114,8 +116,9 @@ def answer_text(spec: TaskSpec, example: dict) -> str:
   return str(answer)
 
 
-def _template(spec: TaskSpec, tokenizer) -> str:
-  return chat_templates.detect(tokenizer) if spec.chat_template == 'auto' else spec.chat_template
+def _template(spec: TaskSpec, tokenizer, model_dir: Optional[str]):
+  """The task's chat template; 'auto' is the model directory's own, as for generation."""
+  return chat_templates.resolve(spec.chat_template, tokenizer, model_dir)
 
 
 def _plain_text(spec: TaskSpec, example: dict, shots: list) -> str:
@@ -123,7 +126,8 @@ def _plain_text(spec: TaskSpec, example: dict, shots: list) -> str:
       spec, example)
 
 
-def prompt_ids(spec: TaskSpec, tokenizer, example: dict, shots: list) -> list[int]:
+def prompt_ids(spec: TaskSpec, tokenizer, example: dict, shots: list,
+               model_dir: Optional[str] = None) -> list[int]:
   """Token ids of the prompt of `example` after its few-shot examples."""
   if not spec.chat_template:
     return [tokenizer.bos_id] + tokenizer.encode(_plain_text(spec, example, shots))
@@ -132,18 +136,18 @@ def prompt_ids(spec: TaskSpec, tokenizer, example: dict, shots: list) -> list[in
     messages += [{'role': 'user', 'content': _format(spec, shot)},
                  {'role': 'assistant', 'content': answer_text(spec, shot)}]
   messages.append({'role': 'user', 'content': _format(spec, example)})
-  return chat_templates.build_prompt(_template(spec, tokenizer), tokenizer, messages)
+  return chat_templates.build_prompt(_template(spec, tokenizer, model_dir), tokenizer, messages)
 
 
-def answer_pairs(spec: TaskSpec, tokenizer, example: dict, shots: list,
-                 answers) -> list[tuple[list[int], list[int]]]:
+def answer_pairs(spec: TaskSpec, tokenizer, example: dict, shots: list, answers,
+                 model_dir: Optional[str] = None) -> list[tuple[list[int], list[int]]]:
   """(prompt ids, answer ids) for each candidate answer: ' answer' after a plain prompt,
   'answer' after a chat turn.
 
   Plain answers are split off the joint encoding of prompt and answer (as lm-eval does), so a
   token spanning the boundary is scored the way the model would read the text.
   """
-  context = prompt_ids(spec, tokenizer, example, shots)
+  context = prompt_ids(spec, tokenizer, example, shots, model_dir)
   if spec.chat_template:
     return [(context, tokenizer.encode(str(a).strip())) for a in answers]
   text = _plain_text(spec, example, shots)
@@ -165,7 +169,8 @@ def generate_texts(spec: TaskSpec, model: EvalModel, prompts: list[list[int]]) -
   A prompt longer than the model leaves room for keeps its last tokens (the question).
   """
   stop = ([model.tokenizer.eos_id] if not spec.chat_template
-          else chat_templates.stop_ids(_template(spec, model.tokenizer), model.tokenizer))
+          else chat_templates.stop_ids(_template(spec, model.tokenizer, model.model_dir),
+                                       model.tokenizer))
   room = model.config.max_seq_len - spec.max_new_tokens
   if room < 1:
     raise ValueError(f'task {spec.name!r}: max_new_tokens={spec.max_new_tokens} leaves no room '
@@ -197,7 +202,7 @@ def run_multiple_choice(spec: TaskSpec, model: EvalModel, examples: list, shots:
   for i, example in enumerate(examples):
     options = [str(c) for c in _field(spec, example, spec.choices_field)]
     choices.append(options)
-    pairs += answer_pairs(spec, model.tokenizer, example, shots, options)
+    pairs += answer_pairs(spec, model.tokenizer, example, shots, options, model.model_dir)
     owners += [i] * len(options)
   scores = model.scorer.loglikelihood(pairs)
   logprobs = [[] for _ in examples]
@@ -220,11 +225,11 @@ def run_classification(spec: TaskSpec, model: EvalModel, examples: list, shots: 
   references = [str(_field(spec, e, spec.answer_field)) for e in examples]
   labels = spec.labels or tuple(sorted(set(references)))
   if spec.method == 'generate':
-    prompts = [prompt_ids(spec, model.tokenizer, e, shots) for e in examples]
+    prompts = [prompt_ids(spec, model.tokenizer, e, shots, model.model_dir) for e in examples]
     predictions = [_match_label(t, labels) for t in generate_texts(spec, model, prompts)]
   else:
     pairs = [pair for e in examples
-             for pair in answer_pairs(spec, model.tokenizer, e, shots, labels)]
+             for pair in answer_pairs(spec, model.tokenizer, e, shots, labels, model.model_dir)]
     scores = [lp for lp, _ in model.scorer.loglikelihood(pairs)]
     predictions = [labels[max(range(len(labels)), key=lambda j, i=i: scores[i * len(labels) + j])]
                    for i in range(len(examples))]
@@ -233,7 +238,7 @@ def run_classification(spec: TaskSpec, model: EvalModel, examples: list, shots: 
 
 @register_kind('summarization')
 def run_summarization(spec: TaskSpec, model: EvalModel, examples: list, shots: list) -> dict:
-  prompts = [prompt_ids(spec, model.tokenizer, e, shots) for e in examples]
+  prompts = [prompt_ids(spec, model.tokenizer, e, shots, model.model_dir) for e in examples]
   predictions = generate_texts(spec, model, prompts)
   result = metrics.rouge(predictions, [answer_text(spec, e) for e in examples])
   return dict(result, num_examples=len(examples))
@@ -241,7 +246,7 @@ def run_summarization(spec: TaskSpec, model: EvalModel, examples: list, shots: l
 
 @register_kind('translation')
 def run_translation(spec: TaskSpec, model: EvalModel, examples: list, shots: list) -> dict:
-  prompts = [prompt_ids(spec, model.tokenizer, e, shots) for e in examples]
+  prompts = [prompt_ids(spec, model.tokenizer, e, shots, model.model_dir) for e in examples]
   predictions = generate_texts(spec, model, prompts)
   result = metrics.bleu_chrf(predictions, [answer_text(spec, e) for e in examples])
   return dict(result, num_examples=len(examples))
