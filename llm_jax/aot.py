@@ -9,6 +9,7 @@ import functools
 from absl import app
 from absl import flags
 
+from llm_jax import cli_errors
 from llm_jax import sharding
 from llm_jax import model as model_lib
 from llm_jax.tools import memory
@@ -64,4 +65,4 @@ def main(argv, flag_values: dict) -> None:
 
 if __name__ == '__main__':
   _FLAG_VALUES = _define_flags()
-  app.run(functools.partial(main, flag_values=_FLAG_VALUES))
+  cli_errors.run_app(functools.partial(main, flag_values=_FLAG_VALUES))
