@@ -1,17 +1,24 @@
 """Serving throughput and latency: llm_jax.serve against `transformers serve --continuous-batching`.
 
     python benchmarks/serve.py --preset=tiny
-    python benchmarks/serve.py --hf_dir=../shared/real-data/SmolLM2-135M-Instruct
+    python benchmarks/serve.py --hf_dir=~/.cache/llm_jax/models/SmolLM2-135M-Instruct
 
-Both servers serve the same Hugging Face directory on this machine, one after the other, and
-get the same fixed request mix over /v1/completions, streamed: with seed 0, prompt lengths
-uniform in [--min_prompt_words, --max_prompt_words] words (a word is about one to two tokens)
-and output lengths uniform in [--min_new, --max_new] tokens, greedy, EOS ignored where the
-server supports it (llm_jax; transformers refuses the field). Each concurrency level (1, 8, 32
-by default) sends 2 x concurrency requests (at least 8) through that many concurrent clients.
-Printed per server and level: output tokens/s (completion tokens over wall time), time to first token and inter-token
-latency (gaps between streamed chunks), p50 and p99. llm_jax's engine compiles its programs
-at start-up; one warm-up round runs before the measured ones on both servers.
+(the SmolLM2 directory is built by benchmarks/smollm2.py). Both servers serve the same Hugging
+Face directory on this machine, one after the other, in float32, and get the same fixed
+request mix over /v1/completions, streamed: with seed 0, prompt lengths uniform in
+[--min_prompt_words, --max_prompt_words] words (a word is about one to two tokens) and output
+lengths uniform in [--min_new, --max_new] tokens, greedy, EOS ignored (llm_jax: `ignore_eos`;
+transformers, which refuses that field: a generation config whose EOS id is -1), so both write
+exactly max_tokens tokens per request. Each concurrency level (1, 8, 32 by default) sends
+2 x concurrency requests (at least 8) through that many concurrent clients. llm_jax decodes
+over --slots slots with a --max_len context each; transformers' continuous batching schedules
+every request it holds in one batch (its own defaults, which exceed 32 requests).
+
+Printed per server and level: output tokens/s (completion tokens over wall time), time to
+first token and inter-token latency (gaps between streamed chunks), p50 and p99, the tokens
+written against those asked, and the 1-minute load average when the level ended (the cores
+may be shared). llm_jax's engine compiles its programs at start-up; one warm-up round runs
+before the measured ones on both servers. Server logs go to $TMPDIR/bench_<server>.log.
 
 `--preset=tiny` saves a random-weight model of the tiny preset's shape with a byte-level BPE
 tokenizer trained here (no download). Timing belongs here, never in tests.
@@ -93,7 +100,7 @@ async def _one(client, url, model, prompt, max_tokens, extra) -> dict:
         arrivals.append(time.perf_counter())
   tokens = usage['completion_tokens'] if usage else len(arrivals)
   return {'ttft': arrivals[0] - start if arrivals else float('nan'),
-          'gaps': np.diff(arrivals).tolist(), 'tokens': tokens}
+          'gaps': np.diff(arrivals).tolist(), 'tokens': tokens, 'asked': max_tokens}
 
 
 async def run_level(url: str, model: str, mix: list, concurrency: int, extra: dict) -> dict:
@@ -107,7 +114,10 @@ async def run_level(url: str, model: str, mix: list, concurrency: int, extra: di
     seconds = time.perf_counter() - start
   ttft = [r['ttft'] for r in results]
   gaps = [g for r in results for g in r['gaps']] or [float('nan')]
-  return {'tokens_per_s': sum(r['tokens'] for r in results) / seconds,
+  tokens = sum(r['tokens'] for r in results)
+  return {'tokens_per_s': tokens / seconds, 'tokens': tokens,
+          'asked': sum(r['asked'] for r in results), 'seconds': seconds,
+          'load': os.getloadavg()[0],  # the 2 cores are shared: other work skews the figures
           'ttft_p50': np.nanpercentile(ttft, 50), 'ttft_p99': np.nanpercentile(ttft, 99),
           'itl_p50': np.nanpercentile(gaps, 50), 'itl_p99': np.nanpercentile(gaps, 99)}
 
@@ -145,7 +155,8 @@ def bench_server(name: str, command: list, port: int, model: str, args, extra: d
         result = asyncio.run(run_level(url, model, mix, concurrency, extra))
       except (httpx.HTTPError, RuntimeError) as e:
         # A server that drops a connection fails this level; the table says so.
-        print(f'| {name} | {concurrency} | failed: {type(e).__name__}: {e} | | |', flush=True)
+        print(f'| {name} | {concurrency} | failed: {type(e).__name__}: {e} | | | | |',
+              flush=True)
         continue
       rows.append((name, concurrency, result))
       print(_row(*rows[-1]), flush=True)
@@ -158,7 +169,8 @@ def bench_server(name: str, command: list, port: int, model: str, args, extra: d
 
 def _row(name, concurrency, r) -> str:
   return (f'| {name} | {concurrency} | {r["tokens_per_s"]:.1f} | {r["ttft_p50"] * 1e3:.0f} / '
-          f'{r["ttft_p99"] * 1e3:.0f} | {r["itl_p50"] * 1e3:.1f} / {r["itl_p99"] * 1e3:.1f} |')
+          f'{r["ttft_p99"] * 1e3:.0f} | {r["itl_p50"] * 1e3:.1f} / {r["itl_p99"] * 1e3:.1f} | '
+          f'{r["tokens"]} / {r["asked"]} in {r["seconds"]:.1f} s | {r["load"]:.1f} |')
 
 
 def main():
@@ -167,6 +179,9 @@ def main():
   parser.add_argument('--hf_dir', help='Hugging Face directory to serve')
   parser.add_argument('--concurrency', type=int, nargs='+', default=[1, 8, 32])
   parser.add_argument('--slots', type=int, default=32)
+  parser.add_argument('--max_len', type=int, default=1024,
+                      help="llm_jax's context length per slot, at most the model's (its KV cache "
+                      'holds slots x max_len positions)')
   parser.add_argument('--min_prompt_words', type=int, default=16)
   parser.add_argument('--max_prompt_words', type=int, default=128)
   parser.add_argument('--min_new', type=int, default=16)
@@ -180,10 +195,15 @@ def main():
     workdir = tempfile.mkdtemp()
     args.hf_dir = make_tiny_dir(workdir)
   model = os.path.abspath(args.hf_dir)
+  with open(os.path.join(model, 'config.json'), encoding='utf-8') as f:
+    max_len = min(args.max_len, json.load(f)['max_position_embeddings'])
   ours = [sys.executable, '-m', 'llm_jax.serve', f'--hf_dir={model}', f'--model_name={model}',
-          f'--slots={args.slots}', f'--max_queue={4 * max(args.concurrency)}']
+          f'--slots={args.slots}', f'--max_len={max_len}',
+          f'--max_queue={4 * max(args.concurrency)}']
   print('| server | concurrency | output tokens/s | TTFT p50 / p99 (ms) | '
-        'inter-token p50 / p99 (ms) |\n|---|---|---|---|---|', flush=True)
+        'inter-token p50 / p99 (ms) | tokens written / asked | load (1 min) |\n'
+        '|---|---|---|---|---|---|---|',
+        flush=True)
   port = _free_port()
   rows = bench_server('llm_jax.serve', ours + [f'--port={port}'], port, model, args,
                       {'ignore_eos': True})
@@ -191,10 +211,11 @@ def main():
     port = _free_port()
     theirs = [shutil.which('transformers') or 'transformers', 'serve', model,
               '--continuous-batching', '--port', str(port), '--device', 'cpu']
-    # It refuses unknown fields such as ignore_eos: random weights rarely pick EOS anyway, and
-    # tokens/s counts the tokens each server reports.
+    # It refuses unknown fields such as ignore_eos; an EOS id that no token has (-1) in its
+    # generation config makes it ignore EOS too, so both servers write max_tokens tokens.
     rows += bench_server('transformers serve --continuous-batching', theirs, port, model, args,
-                         {})
+                         {'generation_config': json.dumps({'eos_token_id': -1,
+                                                           'do_sample': False})})
   if workdir:
     shutil.rmtree(workdir, ignore_errors=True)
   return rows

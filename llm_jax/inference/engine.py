@@ -8,17 +8,23 @@
 
 One thread (the engine's own) owns the device. Between two decode steps it admits waiting
 requests into free slots (each prompt prefilled in chunks straight into its slot's cache row,
-see `slots.prefill_chunk`), drops cancelled ones, then runs one compiled step over all B slots
-(`slots.decode_slots`) and hands every active request its new token. Requests thus join and
-leave at every step; nothing waits for a batch to finish. Outputs reach the caller through its
-`on_output` callback, called on the engine thread: it must return quickly (the HTTP server
+see `slots.prefill_chunk`), drops cancelled ones, then launches one compiled step over all B
+slots (`slots.decode_slots`) and hands every active request its new token. Requests thus join
+and leave at every step; nothing waits for a batch to finish. Outputs reach the caller through
+its `on_output` callback, called on the engine thread: it must return quickly (the HTTP server
 only moves the Output to its event loop).
+
+The host never waits for a step before launching the next one: a step's tokens stay on the
+device and feed the next step directly, and the host hands them out while that next step
+runs. The step attends only to the first W cache positions, W the smallest window (a power of
+two, at least 64, or max_len) that holds every active sequence, so its cost follows the
+longest live sequence rather than max_len.
 
 Each slot samples with its own parameters and PRNG seed, and its tokens go only to the request
 that holds the slot: a request's tokens are read from its slot's row and its row is reset by
 the first chunk of the next request's prefill. The programs compile once per chunk size (a
-few powers of two up to `chunk_size`) and once for the step; per-request parameters are
-runtime values.
+few powers of two up to `chunk_size`) and once per window, all before the first request;
+per-request parameters are runtime values.
 """
 
 import collections
@@ -45,6 +51,7 @@ __all__ = ['Engine', 'Output', 'QueueFullError', 'Request', 'SamplingParams',
            'ShuttingDownError']
 
 _MIN_CHUNK = 16
+_MIN_WINDOW = 64
 # pylint: disable=protected-access  (the engine shares decode.py's layout and placement helpers)
 
 
@@ -62,6 +69,22 @@ class Request:
   num_new: int = 0
   first_token_time: Optional[float] = None
   finished: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+  """A dispatched decode step: its drawn arrays (on the device) and which requests it fed."""
+  drawn: tuple  # (tokens [B], logprobs [B], top ids [B, 5], top logprobs [B, 5])
+  active: np.ndarray  # [B] bool
+  requests: list  # the request in each slot at launch (None: free)
+
+
+def _window_sizes(max_len: int) -> list:
+  """Attention windows of the decode step: powers of two from _MIN_WINDOW, then max_len."""
+  sizes = [min(_MIN_WINDOW, max_len)]
+  while sizes[-1] < max_len:
+    sizes.append(min(sizes[-1] * 2, max_len))
+  return sizes
 
 
 def _chunk_sizes(chunk_size: int) -> list:
@@ -103,6 +126,7 @@ class Engine:
     self.config, self.tokenizer, self.num_slots = config, tokenizer, num_slots
     self.max_queue = max_queue
     self._chunk_sizes = _chunk_sizes(chunk_size)
+    self._windows = _window_sizes(self.max_len)
     self._num_tokens = np.int32(config.vocab_size if tokenizer is None else
                                 min(tokenizer.vocab_size, config.vocab_size))
     run_config = decode._run_config(config, self.layout, unroll_layers)
@@ -113,13 +137,17 @@ class Engine:
       self._params = decode._place_params(config, params, self.layout, run_config)
     self._state = self._initial_state(run_config, cache_dtype)
     shardings = jax.tree.map(lambda x: x.sharding, self._state)
-    self._prefill, self._step = slots_lib.compiled_programs(run_config, self.layout, shardings)
+    self._prefill, self._steps = slots_lib.compiled_programs(run_config, self.layout, shardings,
+                                                             self._windows)
     self._scorer = slots_lib.compiled_scorer(self._score_config, self.layout)
-    self._last = np.zeros((num_slots,), np.int32)
+    self._last = np.zeros((num_slots,), np.int32)  # first tokens of fresh slots
+    self._fresh = np.zeros((num_slots,), bool)
     self._positions = np.zeros((num_slots,), np.int32)
     self._counts = np.zeros((num_slots,), np.int32)
     self._knobs = {name: np.zeros((num_slots,), dtype) for name, dtype in slots_lib.KNOBS}
     self._slots: list = [None] * num_slots
+    self._in_flight: Optional[_Step] = None
+    self._previous = None  # [B] tokens drawn by the latest step, on the device
     self._waiting: collections.deque = collections.deque()
     self._score_jobs: collections.deque = collections.deque()
     self._cond = threading.Condition()
@@ -266,7 +294,7 @@ class Engine:
           self._slots[request.slot] = request
         scores = list(self._score_jobs)
         self._score_jobs.clear()
-        busy = any(s is not None for s in self._slots)
+        busy = any(s is not None for s in self._slots) or self._in_flight is not None
         if scores or busy:
           return scores
         if self._stopping:
@@ -284,9 +312,12 @@ class Engine:
       self._state, _ = self._prefill(self._params, self._state, np.int32(0),
                                      np.zeros((size,), np.int32), np.int32(0), np.int32(size),
                                      row_knobs, self._num_tokens)
-    self._state, drawn = self._step(self._params, self._state, self._last, self._positions,
-                                    np.zeros((self.num_slots,), bool), self._knobs,
-                                    self._counts, self._num_tokens)
+    previous = jnp.zeros((self.num_slots,), jnp.int32)
+    for window in self._windows:
+      self._state, drawn = self._steps[window](
+          self._params, self._state, previous, self._last, self._fresh, self._positions,
+          np.zeros((self.num_slots,), bool), self._knobs, self._counts, self._num_tokens)
+    self._previous = drawn[0]
     jax.block_until_ready(drawn)
 
   def _run(self) -> None:
@@ -301,8 +332,10 @@ class Engine:
               self._finish(request, 'cancelled')
             elif request is not None and request.num_new == 0:
               self._run_prefill(request)
-          if any(s is not None for s in self._slots):
-            self._run_step()
+          # The next step runs while the host hands out the previous step's tokens.
+          launched = self._launch_step()
+          self._deliver_step(self._in_flight)
+          self._in_flight = launched
     except Exception as e:  # pylint: disable=broad-except
       # Every waiting client must hear of it; the exception itself is logged in full.
       logging.exception('engine thread failed')
@@ -338,8 +371,9 @@ class Engine:
     row_knobs = {name: values[slot:slot + 1] for name, values in self._knobs.items()}
     start = 0
     while start < prompt.size:
-      size = next((c for c in self._chunk_sizes if c >= prompt.size - start),
-                  self._chunk_sizes[-1])
+      # The largest chunk that the rest of the prompt fills, so little of it is padding.
+      size = next((c for c in reversed(self._chunk_sizes) if c <= prompt.size - start),
+                  self._chunk_sizes[0])
       chunk = np.zeros((size,), np.int32)
       piece = prompt[start:start + size]
       chunk[:piece.size] = piece
@@ -349,20 +383,47 @@ class Engine:
       start += size
     token, logprob, top_ids, top_logprobs = (x[0] for x in jax.device_get(first))
     self._last[slot], self._positions[slot], self._counts[slot] = token, prompt.size, 1
+    self._fresh[slot] = True
     request.first_token_time = time.monotonic()
     self._deliver(request, token, logprob, top_ids, top_logprobs)
 
-  def _run_step(self) -> None:
-    active = np.array([s is not None and s.num_new > 0 for s in self._slots])
-    self._state, drawn = self._step(self._params, self._state, self._last, self._positions,
-                                    active, self._knobs, self._counts, self._num_tokens)
-    tokens, logprobs, top_ids, top_logprobs = jax.device_get(drawn)
-    self._recent.append((time.monotonic(), int(active.sum())))
-    for slot in np.flatnonzero(active):
-      request = self._slots[slot]
-      self._last[slot] = tokens[slot]
-      self._positions[slot] += 1
-      self._counts[slot] += 1
+  def _launch_step(self) -> Optional['_Step']:
+    """Dispatches one decode step of every slot whose request has its first token.
+
+    The host does not wait for the step: its tokens stay on the device and feed the next
+    step directly, and `_deliver_step` hands them out later. A request that turns out to be
+    complete when they are (max_tokens, a stop string) thus gets one more step that is thrown
+    away; it always fits in the cache, since a request may use every position up to max_len.
+    """
+    active = np.array([r is not None and r.num_new > 0 and not r.cancelled
+                       for r in self._slots])
+    if not active.any():
+      return None
+    needed = int(self._positions[active].max()) + 1
+    window = next(w for w in self._windows if w >= needed)
+    # Copies: on CPU a numpy argument may be used in place, and the host edits these arrays
+    # while the step runs.
+    host = [np.copy(x) for x in (self._last, self._fresh, self._positions)]
+    knobs = {name: np.copy(values) for name, values in self._knobs.items()}
+    self._state, drawn = self._steps[window](
+        self._params, self._state, self._previous, *host, active, knobs,
+        np.copy(self._counts), self._num_tokens)
+    self._previous = drawn[0]
+    self._positions[active] += 1
+    self._counts[active] += 1
+    self._fresh[:] = False
+    return _Step(drawn, active, list(self._slots))
+
+  def _deliver_step(self, step: Optional['_Step']) -> None:
+    """Hands each request its token of `step`, unless it ended or left since the launch."""
+    if step is None:
+      return
+    tokens, logprobs, top_ids, top_logprobs = jax.device_get(step.drawn)
+    self._recent.append((time.monotonic(), int(step.active.sum())))
+    for slot in np.flatnonzero(step.active):
+      request = step.requests[slot]
+      if request.finished or request.cancelled or self._slots[slot] is not request:
+        continue
       self._deliver(request, tokens[slot], logprobs[slot], top_ids[slot], top_logprobs[slot])
 
   def _deliver(self, request: Request, token, logprob, top_ids, top_logprobs) -> None:

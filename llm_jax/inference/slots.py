@@ -12,9 +12,11 @@ programs work on it:
   holds [T, T] scores. The slot's row is sliced out, updated and written back, and the state
   is donated, so the cache is updated in place.
 * `decode_slots` feeds every slot its newest token and draws the next one, each slot with its
-  own temperature, top-k, top-p, repetition penalty and seed. A free slot's token sits at
-  position S, outside the cache, so its (discarded) key/value write is dropped and never lands
-  in a row that is being prefilled.
+  own temperature, top-k, top-p, repetition penalty and seed. It runs the model layer by layer
+  on a window of the cache (the first W positions, W static) and writes each new key/value
+  into the donated cache in place, so its cost follows W rather than S. A free slot's token
+  sits at position S, outside the cache, so its (discarded) key/value write is dropped and
+  never lands in a row that is being prefilled.
 * `score_tokens` returns the log-probability of every token of a sequence given the ones
   before it (OpenAI's `echo` with `logprobs`), through the model's memory-efficient attention
   kernel (`efficient_kernel`).
@@ -32,6 +34,8 @@ import jax.numpy as jnp
 from llm_jax import model as model_lib
 from llm_jax.inference import decode
 from llm_jax.inference import sampling
+from llm_jax.model.layers.embed import Embedder
+from llm_jax.model.layers.norms import RMSNorm
 
 TOP_LOGPROBS = 5  # alternatives returned per token (OpenAI completions allow at most 5)
 # Per-slot sampling parameters, each [B]: (name, dtype).
@@ -159,16 +163,54 @@ def prefill_chunk(config: model_lib.ModelConfig, layout, params, state: dict, sl
   return {'cache': layout.constrain_cache(cache), 'seen': seen}, first
 
 
-def decode_slots(config: model_lib.ModelConfig, layout, params, state: dict, last, positions,
-                 active, knobs: dict, counts, num_tokens) -> tuple:
-  """One step of every slot: feeds last [B] at positions [B]; draws the next tokens.
+def _layer_params(config: model_lib.ModelConfig, params, i: int):
+  if config.scan_layers:  # accelerators read the layer's slice of the stacked arrays in place
+    return jax.tree.map(lambda p: p[i], params['layers'])
+  return params[f'layers_{i}']
 
-  Free slots (active False) are fed at position S, beyond the cache, so nothing is written.
+
+def _decode_layers(config: model_lib.ModelConfig, params, cache: dict, last, positions,
+                   window: int) -> tuple:
+  """The model on one token per slot, attending to the first `window` cache positions only.
+
+  The model's own modules, called layer by layer on the cache in place: each layer gets the
+  slice [B, window, K, H] of its keys/values (the attention's work and the copies XLA makes of
+  its operands scale with the window, not with S), and the new key/value of each slot is
+  written straight into the donated [L, B, S, K, H] cache, which is never sliced or stacked
+  whole. Positions >= window (free slots, at S) write nothing.
+  """
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  x = Embedder(config.vocab_size, config.embed_dim, config.tie_embeddings, dtype,
+               param_dtype).apply({'params': params['embedder']}, last[:, None],
+                                  method='encode')  # [B, 1, D]
+  rows = jnp.arange(last.shape[0])
+  read = jnp.minimum(positions, window - 1)
+  for i in range(config.num_layers):
+    view = {name: c[i, :, :window] for name, c in cache.items()}
+    x, view = model_lib.DecoderLayer(config).apply(
+        {'params': _layer_params(config, params, i)}, x, positions[:, None], None, view)
+    cache = {name: c.at[i, rows, positions].set(view[name][rows, read], mode='drop')
+             for name, c in cache.items()}
+  x = RMSNorm(config.norm_eps, dtype, param_dtype).apply({'params': params['final_norm']}, x)
+  return decode._project(config, params, x)[:, 0], cache  # pylint: disable=protected-access
+
+
+def decode_slots(config: model_lib.ModelConfig, layout, params, state: dict, previous, last,
+                 fresh, positions, active, knobs: dict, counts, num_tokens, *,
+                 window: int) -> tuple:
+  """One step of every slot: feeds each slot its newest token; draws the next tokens.
+
+  A slot's newest token is `previous` [B] (the tokens the previous step drew, still on the
+  device: the host need not have read them) or, where `fresh` [B], `last` [B] (the first token
+  of a request just prefilled). Tokens are fed at positions [B], all below `window` (static:
+  one program per window size). Free slots (active False) are fed at position S, beyond the
+  cache, so nothing is written.
   Returns (state, (tokens [B], logprobs [B], top ids [B, 5], top logprobs [B, 5])).
   """
   cache_len = state['cache']['k'].shape[2]
   positions = jnp.where(active, positions, cache_len)
-  logits, cache = decode.decode_step(config, params, last, positions, state['cache'])
+  last = jnp.where(fresh, last, previous)
+  logits, cache = _decode_layers(config, params, state['cache'], last, positions, window)
   drawn = select_rows(logits, state['seen'], knobs, counts, num_tokens)
   rows = jnp.arange(last.shape[0])
   seen = state['seen'].at[rows, drawn[0]].max(active)
@@ -189,8 +231,9 @@ def score_tokens(config: model_lib.ModelConfig, params, tokens, num_tokens) -> t
   return following, top_ids.astype(jnp.int32), top_logprobs
 
 
-def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings):
-  """(prefill_chunk, decode_slots) jitted for one run config and layout, state donated.
+def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, windows):
+  """(prefill_chunk, {window: decode_slots}) jitted for one run config and layout, state
+  donated; one decode program per attention window.
 
   Not cached across engines: each engine compiles its own (the state shardings are dicts).
   """
@@ -199,10 +242,11 @@ def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings):
   prefill = jax.jit(functools.partial(prefill_chunk, config, layout),
                     in_shardings=(params, state_shardings) + (replicated,) * 6,
                     out_shardings=(state_shardings, replicated), donate_argnums=1)
-  step = jax.jit(functools.partial(decode_slots, config, layout),
-                 in_shardings=(params, state_shardings) + (replicated,) * 6,
-                 out_shardings=(state_shardings, replicated), donate_argnums=1)
-  return prefill, step
+  steps = {window: jax.jit(functools.partial(decode_slots, config, layout, window=window),
+                           in_shardings=(params, state_shardings) + (replicated,) * 8,
+                           out_shardings=(state_shardings, replicated), donate_argnums=1)
+           for window in windows}
+  return prefill, steps
 
 
 @functools.lru_cache(maxsize=16)
