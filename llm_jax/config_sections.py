@@ -4,6 +4,9 @@ Lives in the package, not in configs/, so that a config file passed by absolute 
 from any directory after a plain `pip install .`.
 """
 
+import json
+import os
+
 import ml_collections
 
 from llm_jax import model as model_lib
@@ -86,6 +89,39 @@ def pretraining_config(preset: str, *, seq_len: int, global_batch_size: int, num
   return config
 
 
+def finetuning_config(hf_dir: str, *, lora_rank: int) -> ml_collections.ConfigDict:
+  """Supervised fine-tuning on chat data (data.dataset='sft'), in full or with LoRA.
+
+  Args:
+    hf_dir: a Hugging Face directory whose model, tokenizer and chat template are fine-tuned;
+      '' = the tiny model on the docstring task built from the embedded stdlib corpus.
+    lora_rank: 0 = full fine-tuning, else the LoRA rank (alpha = 2 * rank).
+  """
+  config = default_config()
+  config.data.dataset = 'sft'
+  config.data.seq_len = 256
+  config.data.global_batch_size = config.data.eval_batch_size = 8
+  config.optim.learning_rate = 1e-3 if lora_rank else 3e-4
+  config.optim.warmup_steps = 20
+  config.optim.weight_decay = 0.0
+  config.train.num_steps = 200
+  config.eval.every_steps = 100
+  config.eval.num_batches = 8
+  config.checkpoint.every_steps = 100
+  config.lora.rank = lora_rank
+  config.lora.alpha = 2.0 * lora_rank if lora_rank else config.lora.alpha
+  config.decode.prompts = ()  # continuations of code prompts say little about a chat model
+  if hf_dir:
+    from llm_jax.convert import hf  # pylint: disable=g-import-not-at-top
+    with open(os.path.join(hf_dir, hf.CONFIG_FILE)) as f:
+      model_config = hf.config_from_hf(json.load(f), scan_layers=False)
+    config.model = ml_collections.ConfigDict(dict(model_lib.to_config_dict(model_config),
+                                                  preset=''))
+    config.data.tokenizer, config.data.tokenizer_path = 'huggingface', hf_dir
+    config.train.init_from = hf_dir
+  return config
+
+
 def default_config(arg=None) -> ml_collections.ConfigDict:
   """The default config (configs/default.py); `arg` may name another model preset (`:tiny`)."""
   args = parse_arg(arg, preset='tiny')
@@ -99,7 +135,7 @@ def default_config(arg=None) -> ml_collections.ConfigDict:
                                       attention_kernel='blockwise')
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = 'stdlib'  # stdlib | text_files | tfds
+  config.data.dataset = 'stdlib'  # stdlib | text_files | tfds | sft
   config.data.tfds_name = ''  # for dataset=tfds, e.g. 'lm1b' or 'c4/en:3.0.1'
   config.data.tfds_data_dir = ''  # '' = TFDS default
   config.data.text_feature = 'text'  # for dataset=tfds: the feature holding the text
@@ -116,6 +152,13 @@ def default_config(arg=None) -> ml_collections.ConfigDict:
   config.data.tokenizer = 'train_spm'  # train_spm | sentencepiece | huggingface
   config.data.tokenizer_path = ''  # .model or tokenizer.json; for train_spm, '' = workdir
   config.data.tokenizer_train_bytes = 4_000_000  # text used to train the SentencePiece model
+  # dataset=sft: chat conversations, loss on the assistant's tokens (llm_jax/data/sft.py).
+  config.data.sft_files = ''  # JSONL globs, comma-separated; '' = the stdlib docstring task
+  config.data.sft_max_conversations = 5000  # conversations of the docstring task
+  config.data.sft_eval_every = 20  # every n-th conversation is held out for evaluation
+  config.data.sft_assistant_turns = 'all'  # all | last: which assistant turns are targets
+  config.data.sft_truncation = 'truncate'  # truncate (keep the start) | drop: too-long ones
+  config.data.chat_template = 'auto'  # auto (the tokenizer directory's) | llama2 | llama3 | .jinja
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 3e-3
@@ -135,7 +178,15 @@ def default_config(arg=None) -> ml_collections.ConfigDict:
   config.train.num_steps = 300
   config.train.log_every = 25
   config.train.nonfinite = 'skip'  # skip | stop: what a NaN/Inf loss or gradient does
-  config.train.init_from = ''  # Orbax checkpoint dir (e.g. from llm_jax.convert) to fine-tune
+  # Parameters to fine-tune: an Orbax checkpoint dir (a workdir, or from llm_jax.convert) or a
+  # Hugging Face directory (read straight into the shardings). With lora.rank > 0, the base.
+  config.train.init_from = ''
+
+  config.lora = ml_collections.ConfigDict()
+  config.lora.rank = 0  # > 0: train LoRA adapters on the frozen base (llm_jax/model/lora.py)
+  config.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  config.lora.dropout = 0.0
+  config.lora.targets = 'q,k,v,o,gate,up,down'  # projections that get adapters
 
   config.eval = ml_collections.ConfigDict()
   config.eval.every_steps = 100
@@ -149,6 +200,7 @@ def default_config(arg=None) -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 100
   config.checkpoint.keep = 2
+  config.checkpoint.keep_best = 0  # > 0: also keep this many steps of lowest eval loss
   config.checkpoint.async_save = True
   # Resume from this step instead of the latest (0 = latest), e.g. when the latest is unreadable.
   config.checkpoint.restore_step = 0

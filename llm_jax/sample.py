@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 
 from absl import app
 from absl import flags
+from etils import epath
 
 from llm_jax.data import chat_templates
 from llm_jax.training import checkpoint
@@ -71,8 +72,8 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
 
 def _find_tokenizer(directory: str) -> str:
   for name in ('tokenizer.json', 'tokenizer.model'):
-    if os.path.exists(os.path.join(directory, name)):
-      return os.path.join(directory, name)
+    if (epath.Path(directory) / name).exists():
+      return os.fspath(epath.Path(directory) / name)
   raise FileNotFoundError(f'no tokenizer.json or tokenizer.model in {directory}; pass '
                           '--tokenizer')
 
@@ -94,7 +95,7 @@ def load_model(workdir, hf_dir, tokenizer_path, mesh=None):
       abstract = model_lib.abstract_params(checkpoint.read_config_of(workdir))
       shardings = sharding.tree_shardings(abstract, mesh, sharding.DEFAULT_RULES)
     config, params = checkpoint.load_params(workdir, shardings=shardings)
-    tokenizer_path = tokenizer_path or os.path.join(workdir, 'tokenizer.model')
+    tokenizer_path = tokenizer_path or os.fspath(epath.Path(workdir) / 'tokenizer.model')
   tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
   tokenizer_lib.check_vocab_fits(tokenizer, config.vocab_size)
   return config, params, tokenizer
@@ -251,8 +252,8 @@ def main(argv):
   if _CHAT.value:
     transcript = chat(config, params, tokenizer, mesh, _HF_DIR.value or _WORKDIR.value)
     if _TRANSCRIPT.value:
-      with open(_TRANSCRIPT.value, 'w', encoding='utf-8') as f:
-        json.dump(transcript, f, indent=1, ensure_ascii=False)
+      epath.Path(_TRANSCRIPT.value).write_text(
+          json.dumps(transcript, indent=1, ensure_ascii=False), encoding='utf-8')
   else:
     room = config.max_seq_len - _MAX_NEW.value
     prompts = [fit_prompt([tokenizer.bos_id] + tokenizer.encode(p), room, _TRUNCATE.value,

@@ -128,3 +128,76 @@ def test_chat_keeps_the_conversation_across_turns(tmp_path):
   assert prompt_lengths == [
       len(chat_templates.llama3_prompt(tokenizer, messages[:2])),
       len(chat_templates.llama3_prompt(tokenizer, messages[:4]))]
+
+
+# A Llama 3 style template of a directory's own, with a default system prompt the built-in
+# format does not have: the CLI must render this one.
+OWN_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nBe tiny.<|eot_id|>' }}{% endif %}"
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+
+
+def test_chat_uses_the_directory_template(tmp_path):
+  make_hf_directory(str(tmp_path))
+  (tmp_path / 'chat_template.jinja').write_text(OWN_TEMPLATE)
+  transcript = tmp_path / 'chat.json'
+  result = subprocess.run(
+      [sys.executable, '-m', 'llm_jax.sample', f'--hf_dir={tmp_path}', '--chat',
+       '--max_new_tokens=4', '--chunk_size=4', '--temperature=0', f'--transcript={transcript}'],
+      input='hello there\n', capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'chat_template.jinja chat' in result.stderr
+  reference = transformers.PreTrainedTokenizerFast(
+      tokenizer_file=str(tmp_path / 'tokenizer.json'), bos_token='<|begin_of_text|>',
+      eos_token='<|end_of_text|>', chat_template=OWN_TEMPLATE)
+  messages = json.loads(transcript.read_text())[:1]
+  expected = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)['input_ids']
+  prompt_lengths = [int(n) for n in re.findall(r'\[(\d+) prompt tokens', result.stderr)]
+  assert prompt_lengths == [len(expected)]
+
+
+def _sample(directory, *flags_):
+  return subprocess.run(
+      [sys.executable, '-m', 'llm_jax.sample', f'--hf_dir={directory}', *flags_],
+      capture_output=True, text=True, timeout=300,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      env=dict(os.environ, JAX_PLATFORMS='cpu'))
+
+
+LONG_PROMPT = 'the quick brown fox jumps over the lazy dog. ' * 30 + 'what is next? the answer'
+
+
+def test_too_long_prompt_is_one_line_without_the_prompt(tmp_path):
+  make_hf_directory(str(tmp_path))
+  result = _sample(tmp_path, f'--prompt={LONG_PROMPT}', '--max_new_tokens=4')
+  assert result.returncode == 1
+  assert result.stderr.strip().count('\n') == 0, result.stderr[-3000:]
+  assert 'at most 124 fit with --max_new_tokens=4' in result.stderr  # max_seq_len 128
+  assert '--truncate=left' in result.stderr
+  assert 'lazy dog' not in result.stderr + result.stdout
+
+
+def test_beam_search_needs_no_sampling_flags_and_truncate_keeps_the_end(tmp_path):
+  make_hf_directory(str(tmp_path))
+  result = _sample(tmp_path, f'--prompt={LONG_PROMPT}', '--max_new_tokens=4', '--num_beams=2',
+                   '--truncate=left')
+  assert result.returncode == 0, result.stderr[-3000:]
+  tokenizer = tokenizer_lib.load_tokenizer(str(tmp_path / 'tokenizer.json'))
+  total = len(tokenizer.encode(LONG_PROMPT))
+  assert f'kept its last 123 of {total} tokens' in result.stderr  # 124 positions, BOS first
+  kept = tokenizer.decode(tokenizer.encode(LONG_PROMPT)[-123:])
+  assert result.stdout.startswith(kept) and kept.endswith('what is next? the answer')
+
+  # Sampling flags given explicitly are not overridden: beam search refuses them, in one line.
+  result = _sample(tmp_path, '--prompt=hello there', '--max_new_tokens=4', '--num_beams=2',
+                   '--temperature=0.7')
+  assert result.returncode == 1
+  assert result.stderr.strip().count('\n') == 0, result.stderr[-3000:]
+  assert 'temperature' in result.stderr

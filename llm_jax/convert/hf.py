@@ -503,3 +503,12 @@ def is_hf_directory(path: str) -> bool:
   if not directory.is_dir() or not (directory / CONFIG_FILE).exists():
     return False
   return any(file.name.endswith('.safetensors') for file in directory.iterdir())
+
+
+def read_model_config(path: str, **overrides) -> ModelConfig:
+  """The ModelConfig of a Hugging Face directory's config.json, without reading weights."""
+  config_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f'{config_path} does not exist')
+  with open(config_path) as f:
+    return config_from_hf(json.load(f), **overrides)

@@ -20,6 +20,8 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from llm_jax import cloud_paths
+
 # A SentencePiece training "sentence" is a chunk of whole lines of about this many characters:
 # long enough that pieces can span a newline (':\n', '\n\n'), short enough for the trainer.
 _SPM_CHUNK_CHARS = 2048
@@ -309,9 +311,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: Optional[st
   if path:
     file = epath.Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
-    temporary = file.parent / f'{file.name}.tmp{os.getpid()}'
-    temporary.write_bytes(writer.data)
-    temporary.replace(file)  # readers never see a partly written model
+    cloud_paths.write_atomically(file, writer.data)  # readers never see a partly written model
     logging.info('Trained a SentencePiece model with %d pieces: %s', vocab_size, path)
   return tokenizer
 

@@ -2,6 +2,8 @@
 
 A checkpoint directory is an Orbax CheckpointManager root whose steps hold the items
   params        parameter tree (StandardSave; restored straight into any target sharding)
+  adapters      instead of params in a LoRA run: the adapter tree only (never the base or a
+                merged model), with `lora_config` (JSON: rank, alpha, dropout, targets)
   opt_state     optimizer state (training checkpoints only)
   model_config  the ModelConfig as JSON, so a checkpoint is self-describing
   data_iterator every process's input-iterator position, one file per process (grain's
@@ -13,6 +15,7 @@ cut short by a crash or SIGKILL is never listed as a step, hence never restored.
 local or on cloud storage (gs://...): they go through etils.epath.
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import grain
@@ -25,9 +28,13 @@ from llm_jax import model as model_lib
 from llm_jax import sharding
 
 CHECKPOINT_SUBDIR = 'checkpoints'
+# The metric by which `keep_best` ranks checkpoints: lower is better.
+BEST_METRIC = 'eval_loss'
 
 
 DATA_ITEM = 'data_iterator'
+ADAPTERS_ITEM = 'adapters'
+LORA_CONFIG_ITEM = 'lora_config'
 LEGACY_DATA_ITEM = 'data_state'
 
 
@@ -43,42 +50,79 @@ def checkpoint_dir(path) -> epath.Path:
   return sub if sub.is_dir() else epath.Path(path)
 
 
-def create_manager(directory: str, *, keep: Optional[int] = None, async_save: bool = True,
-                   read_only: bool = False) -> ocp.CheckpointManager:
-  """CheckpointManager keeping the last `keep` steps, saving asynchronously if asked."""
+def _eval_loss(metrics: dict) -> float:
+  return metrics[BEST_METRIC]
+
+
+def create_manager(directory: str, *, keep: Optional[int] = None, keep_best: int = 0,
+                   async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+  """CheckpointManager keeping the last `keep` steps, saving asynchronously if asked.
+
+  With `keep_best` > 0 it also keeps the `keep_best` steps of lowest evaluation loss among
+  those saved with `metrics={BEST_METRIC: loss}` (see `save`); `manager.best_step()` names
+  the best one, also after a restart (Orbax stores each step's metrics with it).
+  """
+  best = {}
+  if keep_best:
+    policies = [ocp.checkpoint_managers.BestN(
+        get_metric_fn=_eval_loss, reverse=True, n=keep_best,  # reverse: the lowest are kept
+        keep_checkpoints_without_metrics=False)]
+    if keep is not None:
+      policies.append(ocp.checkpoint_managers.LatestN(n=keep))
+    best = dict(best_fn=_eval_loss, best_mode='min',
+                preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-      read_only=read_only, cleanup_tmp_directories=not read_only)
+      max_to_keep=None if keep_best else keep, enable_async_checkpointing=async_save,
+      create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only, **best)
   return ocp.CheckpointManager(absolute(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, model_config: model_lib.ModelConfig,
-         params, opt_state=None, data_iterator: Any = None, *, force: bool = True) -> bool:
+         params, opt_state=None, data_iterator: Any = None, *, force: bool = True,
+         metrics: Optional[dict] = None, lora_config: Any = None) -> bool:
   """Saves one step (asynchronously if the manager is async); returns whether it saved.
+
+  `metrics` ({BEST_METRIC: loss} at an evaluation step) rank the step for `keep_best`. With
+  `lora_config` (a llm_jax.model.lora.LoraConfig), `params` are adapters, saved as such.
 
   Every process must call it. Each writes its own shards and its own data-iterator position
   (read now, before the call returns, so later batches do not leak into the checkpoint).
   """
-  items = {'params': ocp.args.StandardSave(params),
+  items = {'params' if lora_config is None else ADAPTERS_ITEM: ocp.args.StandardSave(params),
            'model_config': ocp.args.JsonSave(model_lib.to_config_dict(model_config))}
+  if lora_config is not None:
+    items[LORA_CONFIG_ITEM] = ocp.args.JsonSave(dataclasses.asdict(lora_config))
   if opt_state is not None:
     items['opt_state'] = ocp.args.StandardSave(opt_state)
   if data_iterator is not None:
     items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data_iterator)
-  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_params,
-            abstract_opt_state=None) -> dict:
+            abstract_opt_state=None, *, adapters: bool = False) -> dict:
   """Restores a step into the given abstract trees (ShapeDtypeStructs carrying shardings).
 
   The shardings may differ from those at save time (other mesh, other device count): Orbax reads
-  each shard directly into the new layout.
+  each shard directly into the new layout. With `adapters`, the params come from a LoRA run's
+  adapters item; the result names them 'params' either way.
   """
-  items = {'params': ocp.args.StandardRestore(abstract_params)}
+  item = ADAPTERS_ITEM if adapters else 'params'
+  items = {item: ocp.args.StandardRestore(abstract_params)}
   if abstract_opt_state is not None:
     items['opt_state'] = ocp.args.StandardRestore(abstract_opt_state)
-  return dict(manager.restore(step, args=ocp.args.Composite(**items)).items())
+  restored = dict(manager.restore(step, args=ocp.args.Composite(**items)).items())
+  restored['params'] = restored.pop(item)
+  return restored
+
+
+def read_lora_config(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+  """The LoRA settings stored with a step (rank, alpha, dropout, targets), or None."""
+  if not (epath.Path(manager.directory) / str(step) / LORA_CONFIG_ITEM).exists():
+    return None
+  values = manager.restore(step, args=ocp.args.Composite(
+      **{LORA_CONFIG_ITEM: ocp.args.JsonRestore()}))
+  return dict(values[LORA_CONFIG_ITEM])
 
 
 def restore_data_iterator(manager: ocp.CheckpointManager, step: int, iterator) -> None:

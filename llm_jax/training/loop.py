@@ -10,6 +10,7 @@ Process 0 alone writes metrics, TensorBoard events and summary.json; every proce
 own shards and data position.
 """
 
+import contextlib
 import dataclasses
 import time
 import zlib
@@ -25,14 +26,20 @@ from jax.experimental import multihost_utils
 
 from llm_jax import model as model_lib
 from llm_jax import sharding
+from llm_jax.convert import hf
+from llm_jax.data import chat_templates
 from llm_jax.data import pipeline
+from llm_jax.data import sft
 from llm_jax.evals import in_loop
 from llm_jax.model import layer_layout
+from llm_jax.model import lora
 from llm_jax.tools import memory
 from llm_jax.training import builder
 from llm_jax.training import checkpoint
 from llm_jax.training import metrics as metrics_lib
+from llm_jax.training import plots
 from llm_jax.training import preemption
+from llm_jax.training import progress
 from llm_jax.training import restore_errors
 from llm_jax.training import steps as train_steps
 from llm_jax.training import validation
@@ -101,8 +108,9 @@ def _restore_state(config, program: builder.TrainingProgram, manager, step: int)
   saved = restore_errors.read_step(manager, step,
                                    lambda: checkpoint.read_model_config(manager, step))
   configured = program.model_config
+  lora_run = bool(config.lora.rank)  # adapters keep their layer layout
   check_compatible(saved, configured, f'the checkpoint of step {step} in {manager.directory}',
-                   COMPUTE_FIELDS + ('scan_layers',))
+                   COMPUTE_FIELDS + (() if lora_run else ('scan_layers',)))
   if saved.scan_layers == configured.scan_layers:
     target = program.abstract_sharded_state()
   else:  # restore as saved, then convert
@@ -110,7 +118,7 @@ def _restore_state(config, program: builder.TrainingProgram, manager, step: int)
     target = builder.with_shardings(
         abstract, sharding.tree_shardings(abstract, program.mesh, program.rules))
   restored = restore_errors.read_step(manager, step, lambda: checkpoint.restore(
-      manager, step, target.params, target.opt_state))
+      manager, step, target.params, target.opt_state, adapters=lora_run))
   shardings = program.state_shardings
   return train_steps.TrainState(
       step=jax.device_put(np.int32(step), shardings.step),
@@ -122,9 +130,14 @@ def _load_init_params(config, program: builder.TrainingProgram):
   """Parameters of train.init_from in the configured shardings and layer layout."""
   configured = program.model_config
   source = config.train.init_from
-  saved = checkpoint.read_config_of(source)
+  from_hf = hf.is_hf_directory(source)
+  saved = hf.read_model_config(source) if from_hf else checkpoint.read_config_of(source)
   check_compatible(saved, configured, f'train.init_from={source!r}',
                    COMPUTE_FIELDS + ('param_dtype', 'scan_layers'))
+  if from_hf:
+    return hf.load_hf_sharded(source, program.state_shardings.params,
+                              param_dtype=configured.param_dtype,
+                              scan_layers=configured.scan_layers)[1]
   shardings = program.state_shardings.params
   if saved.scan_layers != configured.scan_layers:
     shardings = sharding.tree_shardings(model_lib.abstract_params(saved), program.mesh,
@@ -142,15 +155,46 @@ def restore_or_initialise(config, program: builder.TrainingProgram, manager, wor
     state = _restore_state(config, program, manager, step)
     logging.info('resumed from step %d in %s', step, manager.directory)
     return state, step
-  state = program.init_state(config.seed)
-  if config.train.init_from:
-    params = jax.tree.map(lambda p, s: p.astype(s.dtype), _load_init_params(config, program),
-                          state.params)
-    # The fresh optimizer state was built for the random parameters; rebuild it for these.
-    state = state.replace(params=params, opt_state=jax.jit(
-        program.tx.init, out_shardings=program.state_shardings.opt_state)(params))
-    logging.info('initialised parameters from %s', config.train.init_from)
+  if not config.train.init_from or config.lora.rank:  # a LoRA run's base is loaded by setup
+    return program.init_state(config.seed), None
+  # Placed straight into the state's shardings: no random initialisation first.
+  abstract = program.abstract_sharded_state()
+  params = jax.tree.map(lambda p, a: p.astype(a.dtype), _load_init_params(config, program),
+                        abstract.params)
+  state = train_steps.TrainState(
+      step=jax.device_put(np.int32(0), program.state_shardings.step), params=params,
+      opt_state=jax.jit(program.tx.init, out_shardings=program.state_shardings.opt_state)(params))
+  logging.info('initialised parameters from %s', config.train.init_from)
   return state, None
+
+
+def load_lora_base(config, program: builder.TrainingProgram):
+  """The frozen base of a LoRA run in its shardings: train.init_from, else a fresh model."""
+  if config.train.init_from:
+    logging.info('LoRA base: %s', config.train.init_from)
+    return _load_init_params(config, program)
+  logging.warning('lora.rank > 0 without train.init_from: the base is a fresh random model')
+  return program.init_state(config.seed).params
+
+
+def make_data(config, tokenizer, workdir):
+  """(train iterator, eval batches, eval texts): pretraining text, or SFT conversations."""
+  if config.data.dataset == 'sft':
+    template_dir = (config.train.init_from if hf.is_hf_directory(config.train.init_from)
+                    else os.path.dirname(tokenizer.path) or str(workdir))
+    template = chat_templates.resolve(config.data.chat_template, tokenizer, template_dir)
+    logging.info('SFT chat template: %s', chat_templates.describe(template))
+    return sft.make_iterators(config.data, tokenizer, template, seed=config.seed,
+                              eval_num_batches=config.eval.num_batches,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  train_iter = pipeline.make_train_iterator(
+      config.data, tokenizer, seed=config.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  eval_batches, eval_texts = pipeline.make_eval_batches(
+      config.data, tokenizer, num_batches=config.eval.num_batches,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return train_iter, eval_batches, eval_texts
 
 
 def sample_continuations(config, model_config, params, tokenizer, mesh, rules) -> list:
@@ -183,6 +227,36 @@ class Run:
   throughput: metrics_lib.Throughput
   skipped_steps: list = dataclasses.field(default_factory=list)
   closed: bool = False
+  bar: Optional[progress.Progress] = None  # the training progress bar, once compiled
+  base: Any = None  # a LoRA run's frozen base; state.params are then its adapters
+
+  @property
+  def lora_config(self) -> Optional[lora.LoraConfig]:
+    return None if self.base is None else lora.LoraConfig.from_section(self.config.lora)
+
+  def model_params(self):
+    """The parameters of the model being trained (a LoRA run's base with its adapters)."""
+    if self.base is None:
+      return self.state.params
+    return lora.merge(self.base, self.state.params, self.lora_config)
+
+  @property
+  def interactive(self) -> Optional[bool]:
+    """Process 0 shows a bar when watched (None: it decides); the others write log lines."""
+    return None if jax.process_index() == 0 else False
+
+  def say(self, line: str):
+    """A progress line: above the bar when there is one, else a log line."""
+    if self.bar is not None:
+      self.bar.write(line)
+    else:
+      logging.info('%s', line)
+
+  def write_plots(self) -> list:
+    """Redraws the run's curves from metrics.jsonl (process 0); returns their paths."""
+    if jax.process_index() != 0:
+      return []
+    return plots.write_run_plots(str(self.workdir))
 
   @property
   def model_config(self) -> model_lib.ModelConfig:
@@ -198,18 +272,23 @@ class Run:
 
   def evaluate(self) -> dict:
     num_bytes = sum(len(t.encode('utf-8')) for t in self.eval_texts)
-    return evaluate(self.program.eval_step, self.state.params, self.eval_batches, self.mesh,
-                    self.rules, num_bytes)
+    batches = progress.track(self.eval_batches, 'eval', unit='batch',
+                             interactive=self.interactive, log_end=False)
+    return evaluate(self.program.eval_step, self.state.params, batches, self.mesh, self.rules,
+                    num_bytes)
 
-  def save(self, step: int):
+  def save(self, step: int, metrics: Optional[dict] = None):
     checkpoint.save(self.manager, step, self.model_config, self.state.params,
-                    self.state.opt_state, self.train_iter)
+                    self.state.opt_state, self.train_iter, metrics=metrics,
+                    lora_config=self.lora_config)
 
   def close(self):
     """Finishes the pending asynchronous save (whatever ended the run) and releases all."""
     if self.closed:
       return
     self.closed = True
+    if self.bar is not None:
+      self.bar.close()
     try:
       self.manager.wait_until_finished()
       self.manager.close()
@@ -229,7 +308,11 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
   workdir.mkdir(parents=True, exist_ok=True)
   program = builder.build(config)
   model_config, mesh, rules = program.model_config, program.mesh, program.rules
-  tokenizer = pipeline.get_tokenizer(config.data, workdir, model_config.vocab_size)
+  is_sft = config.data.dataset == 'sft'
+  tokenizer = pipeline.get_tokenizer(sft.tokenizer_data_config(config.data) if is_sft
+                                     else config.data, workdir, model_config.vocab_size)
+  if jax.process_index() == 0 and not is_sft:
+    pipeline.corpus_epochs(config.data, tokenizer, config.train.num_steps)  # warns if small
   logging.info('model %s, %.2fM parameters; mesh %s', model_config,
                model_lib.count_params(model_lib.abstract_params(model_config)) / 1e6, mesh.shape)
   logging.info('memory per device: %s', memory.estimate_memory_per_device(
@@ -237,19 +320,20 @@ def setup(config: ml_collections.ConfigDict, workdir) -> Run:
       accum_steps=config.optim.grad_accum_steps))
   manager = checkpoint.create_manager(workdir / checkpoint.CHECKPOINT_SUBDIR,
                                       keep=config.checkpoint.keep,
+                                      keep_best=config.checkpoint.keep_best,
                                       async_save=config.checkpoint.async_save)
+  base = None
+  if config.lora.rank:
+    base = load_lora_base(config, program)
+    program = lora.build_program(config, program, base)
   state, resumed_step = restore_or_initialise(config, program, manager, workdir)
-  train_iter = pipeline.make_train_iterator(
-      config.data, tokenizer, seed=config.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  train_iter, eval_batches, eval_texts = make_data(config, tokenizer, workdir)
   if resumed_step is not None:
     checkpoint.restore_data_iterator(manager, resumed_step, train_iter)
-  eval_batches, eval_texts = pipeline.make_eval_batches(
-      config.data, tokenizer, num_batches=config.eval.num_batches,
-      process_index=jax.process_index(), process_count=jax.process_count())
   return Run(
       config=config, workdir=workdir, program=program, tokenizer=tokenizer, manager=manager,
       state=state, train_iter=train_iter, eval_batches=eval_batches, eval_texts=eval_texts,
+      base=base,
       writer=metrics_lib.MetricsWriter(workdir, resume_step=resumed_step or 0),
       throughput=metrics_lib.Throughput(model_config, program.batch_shape,
                                         config.train.num_steps))
@@ -272,7 +356,9 @@ def log_steps(run: Run, step: int, pending: list):
   scalars['perplexity'] = metrics_lib.perplexity(scalars['loss'])
   scalars.update(run.throughput.measure(step))
   run.writer.write(step, scalars, 'train/')
-  logging.info(metrics_lib.format_line(step, run.config.train.num_steps, scalars))
+  if run.bar is not None:
+    run.bar.update(0, loss=scalars['loss'])
+  run.say(metrics_lib.format_line(step, run.config.train.num_steps, scalars))
 
 
 def train_loop(run: Run, stop: preemption.StopRequests) -> tuple[int, Optional[dict]]:
@@ -283,21 +369,32 @@ def train_loop(run: Run, stop: preemption.StopRequests) -> tuple[int, Optional[d
   run.throughput.start(step)
   while step < config.train.num_steps:
     batch = pipeline.to_global_batch(next(run.train_iter), run.mesh, run.rules)
-    run.state, step_metrics = run.program.train_step(run.state, batch)
+    # The first call compiles: a phase of its own, announced before the bar starts.
+    with (progress.phase('compiling train step', interactive=run.interactive)
+          if step == first_step else contextlib.nullcontext()):
+      run.state, step_metrics = run.program.train_step(run.state, batch)
     step += 1
     pending.append(step_metrics)
+    if run.bar is not None:
+      run.bar.update(1)
     if len(pending) == 1 and step == first_step + 1:
       jax.block_until_ready(step_metrics)
       run.throughput.start(step)  # compilation is not training time
+      run.bar = progress.Progress(config.train.num_steps, 'train', initial=step,
+                                  interactive=run.interactive)
     last = step == config.train.num_steps
     stopping = stop.should_stop(step)
     if step % config.train.log_every == 0 or last or stopping:
       log_steps(run, step, pending)
       pending = []
-    if step % config.eval.every_steps == 0 or last:
+    evaluated = step % config.eval.every_steps == 0 or last
+    if evaluated:
       eval_result = run.evaluate()
       run.writer.write(step, eval_result, 'eval/')
-      logging.info('eval at step %d: %s', step, eval_result)
+      run.say(f"eval at step {step}: loss {eval_result['loss']:.4f}, perplexity "
+              f"{eval_result['perplexity']:.2f}, {eval_result['bits_per_byte']:.3f} bits per "
+              'byte')
+      run.write_plots()
       run.throughput.start(step)
     task_scalars = in_loop.run_in_loop_evals(config, run.model_config, run.state.params,
                                              run.tokenizer, run.mesh, run.rules, step,
@@ -305,13 +402,18 @@ def train_loop(run: Run, stop: preemption.StopRequests) -> tuple[int, Optional[d
     if task_scalars:
       run.writer.write(step, task_scalars, 'evals/')
       run.throughput.start(step)
-    if step % config.checkpoint.every_steps == 0 or last or stopping:
+    # With keep_best, every evaluated step is saved with its loss, to compete for best.
+    keep_best = evaluated and config.checkpoint.keep_best > 0
+    if step % config.checkpoint.every_steps == 0 or last or stopping or keep_best:
       if pending:  # the non-finite policy must see every step a checkpoint holds
         log_steps(run, step, pending)
         pending = []
-      run.save(step)
+      run.save(step, {checkpoint.BEST_METRIC: eval_result['loss']} if evaluated else None)
     if stopping:
       break
+  if run.bar is not None:
+    run.bar.close()  # before the samples and the summary, which are not training
+    run.bar = None
   return step, eval_result
 
 
@@ -334,6 +436,7 @@ def _finish(run: Run, step: int, eval_result: Optional[dict], start_time: float)
       'samples': samples}
   if jax.process_index() == 0:
     metrics_lib.write_summary(run.workdir, summary)
+    print(progress.format_summary(summary, run.write_plots()), flush=True)
   return summary
 
 

@@ -90,7 +90,7 @@ def _check_model(p: _Problems) -> None:
 
 def _check_data(p: _Problems) -> None:
   data = p.config.data
-  if p.one_of('data.dataset', sources.DATASETS):
+  if p.one_of('data.dataset', sources.DATASETS + ('sft',)):  # sft: llm_jax/data/sft.py
     if data.dataset == 'tfds':
       p.require('data.tfds_name', bool, "a TFDS name for data.dataset='tfds' (e.g. 'lm1b')")
     if data.dataset == 'text_files':
