@@ -31,6 +31,7 @@ away) until it exits 0 or fails otherwise.
 
 import configparser
 import dataclasses
+import functools
 import os
 import re
 import shlex
@@ -55,20 +56,27 @@ ARCHIVE_NAME = 'llm_jax_checkout.tar.gz'
 PENDING_STATES = ('ACCEPTED', 'CREATING', 'WAITING_FOR_RESOURCES', 'PROVISIONING')
 ACTIONS = ('create', 'setup', 'run', 'logs', 'rerun_until_done', 'delete')
 
-_TPU = flags.DEFINE_string('tpu', None, 'Queued resource name (and node name, or node prefix).')
-_ZONE = flags.DEFINE_string('zone', None, 'Zone, e.g. us-east5-a.')
-_PROJECT = flags.DEFINE_string('project', None, 'Project; default: gcloud\'s configured one.')
-_ACCELERATOR = flags.DEFINE_string('accelerator_type', None, 'Slice type, e.g. v5p-64.')
-_RUNTIME = flags.DEFINE_string('runtime_version', None, 'TPU VM image, e.g. v2-alpha-tpuv5.')
-_SPOT = flags.DEFINE_bool('spot', False, 'Spot capacity (cheaper, preemptible).')
-_RESERVED = flags.DEFINE_bool('reserved', False, 'Capacity from the project\'s reservation.')
-_NUM_SLICES = flags.DEFINE_integer('num_slices', 1, 'Slices joined over DCN (multislice).')
-_WORKER = flags.DEFINE_string('worker', '0', 'Worker whose log `logs` follows (of the first '
-                               'slice with --num_slices).')
-_DETACH = flags.DEFINE_bool('detach', False, '`run` in the background, output to ~/llm_jax.log.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Print the gcloud commands, run nothing.')
-_POLL_SECONDS = flags.DEFINE_float('poll_seconds', 30.0, 'Between queued-resource state checks.')
-_MAX_RUNS = flags.DEFINE_integer('max_runs', 100, '`rerun_until_done` gives up after this many.')
+def _define_flags() -> dict:
+  """Flags exist only when this file runs as a program, so that tests and launch/sweep.py can
+  import it next to other programs' flags (both have a --dry_run)."""
+  return dict(
+      tpu=flags.DEFINE_string('tpu', None, 'Queued resource name (and node name, or prefix).'),
+      zone=flags.DEFINE_string('zone', None, 'Zone, e.g. us-east5-a.'),
+      project=flags.DEFINE_string('project', None, 'Project; default: gcloud\'s configured one.'),
+      accelerator=flags.DEFINE_string('accelerator_type', None, 'Slice type, e.g. v5p-64.'),
+      runtime=flags.DEFINE_string('runtime_version', None, 'TPU VM image, e.g. v2-alpha-tpuv5.'),
+      spot=flags.DEFINE_bool('spot', False, 'Spot capacity (cheaper, preemptible).'),
+      reserved=flags.DEFINE_bool('reserved', False, 'Capacity from the project\'s reservation.'),
+      num_slices=flags.DEFINE_integer('num_slices', 1, 'Slices joined over DCN (multislice).'),
+      worker=flags.DEFINE_string('worker', '0', 'Worker whose log `logs` follows (of the first '
+                                 'slice with --num_slices).'),
+      detach=flags.DEFINE_bool('detach', False, '`run` in the background, output to '
+                               '~/llm_jax.log.'),
+      dry_run=flags.DEFINE_bool('dry_run', False, 'Print the gcloud commands, run nothing.'),
+      poll_seconds=flags.DEFINE_float('poll_seconds', 30.0, 'Between queued-resource state '
+                                      'checks.'),
+      max_runs=flags.DEFINE_integer('max_runs', 100, '`rerun_until_done` gives up after this '
+                                    'many.'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,35 +325,36 @@ def _check(status: int, what: str) -> None:
     raise SystemExit(f'{what} failed: gcloud exited with status {status}')
 
 
-def main(argv):
+def main(argv, flag_values: dict):
   if len(argv) < 2 or argv[1] not in ACTIONS:
     raise app.UsageError(f'expected an action, one of {", ".join(ACTIONS)}; got {argv[1:2]}')
   action, job_args = argv[1], argv[2:]
   if action not in ('run', 'rerun_until_done') and job_args:
     raise app.UsageError(f'{action} takes no arguments after the flags; got {job_args}')
-  if not _TPU.value or not _ZONE.value:
+  if not flag_values['tpu'].value or not flag_values['zone'].value:
     raise app.UsageError('--tpu and --zone are required')
-  target = Target(_TPU.value, _ZONE.value, _PROJECT.value, _NUM_SLICES.value)
-  capacity = Capacity(_ACCELERATOR.value, _RUNTIME.value, _SPOT.value, _RESERVED.value)
-  gcloud = Gcloud(dry_run=_DRY_RUN.value)
+  target = Target(flag_values['tpu'].value, flag_values['zone'].value, flag_values['project'].value, flag_values['num_slices'].value)
+  capacity = Capacity(flag_values['accelerator'].value, flag_values['runtime'].value, flag_values['spot'].value, flag_values['reserved'].value)
+  gcloud = Gcloud(dry_run=flag_values['dry_run'].value)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if action == 'create':
     _check(gcloud.call(capacity.create(target)), 'create')
-    wait_until_active(gcloud, target, _POLL_SECONDS.value)
+    wait_until_active(gcloud, target, flag_values['poll_seconds'].value)
   elif action == 'setup':
     setup(gcloud, target, root)
   elif action == 'run':
     for command in run_commands(target.name, target.zone, target.project, job_args,
-                                num_slices=target.num_slices, detach=_DETACH.value):
+                                num_slices=target.num_slices, detach=flag_values['detach'].value):
       sys.exit(gcloud.call(command))
   elif action == 'logs':
-    sys.exit(gcloud.call(logs_command(target, _WORKER.value)))
+    sys.exit(gcloud.call(logs_command(target, flag_values['worker'].value)))
   elif action == 'rerun_until_done':
     sys.exit(rerun_until_done(gcloud, target, capacity, job_args, root,
-                              poll_seconds=_POLL_SECONDS.value, max_runs=_MAX_RUNS.value))
+                              poll_seconds=flag_values['poll_seconds'].value, max_runs=flag_values['max_runs'].value))
   else:
     _check(gcloud.call(delete_command(target)), 'delete')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _FLAG_VALUES = _define_flags()
+  app.run(functools.partial(main, flag_values=_FLAG_VALUES))
