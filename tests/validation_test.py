@@ -38,7 +38,8 @@ def test_shipped_configs_pass(path):
   config = _load_config(path)
   if config.data.tokenizer != 'train_spm':  # their docstrings tell the user to pass the path
     config.data.tokenizer_path = '/path/tokenizer'
-  device_counts = (1, 8) if path.name == 'default.py' else (1, 8, 256)  # CPU demo vs pods
+  cpu_demos = ('default.py', 'sft.py', 'lora.py')
+  device_counts = (1, 8) if path.name in cpu_demos else (1, 8, 256)  # CPU demos vs pods
   for device_count in device_counts:
     validation.validate_config(config, device_count=device_count)
 
@@ -70,7 +71,7 @@ BAD_VALUES = [
     ('checkpoint.every_steps', 0, 'an integer >= 1'),
     ('checkpoint.keep', 0, 'an integer >= 1'),
     ('checkpoint.restore_step', -1, 'an integer >= 0'),
-    ('data.dataset', 'c4', "one of ('stdlib', 'text_files', 'tfds')"),
+    ('data.dataset', 'c4', "one of ('stdlib', 'text_files', 'tfds', 'sft')"),
     ('data.tokenizer', 'bpe', "one of ('train_spm', 'sentencepiece', 'huggingface')"),
     ('data.seq_len', 1024, 'at most model.max_seq_len=512'),
     ('data.seq_len', 0, 'an integer >= 1'),

@@ -23,6 +23,8 @@ import jax
 from llm_jax.training import checkpoint
 from llm_jax import model as model_lib
 from llm_jax.convert import hf
+from llm_jax.data import pipeline
+from llm_jax.data import tokenizer as tokenizer_lib
 
 COMMANDS = ('hf-to-orbax', 'orbax-to-hf')
 # Files of a Hugging Face directory that describe tokenization and generation, not weights.
@@ -96,6 +98,10 @@ def orbax_to_hf(checkpoint_dir: str, out: str, *, step: Optional[int] = None,
   for name in _TOKENIZER_FILES if base_hf_dir else ():
     if os.path.exists(os.path.join(base_hf_dir, name)):
       shutil.copy(os.path.join(base_hf_dir, name), os.path.join(out, name))
+  trained = os.path.join(checkpoint_dir, pipeline.TOKENIZER_FILENAME)
+  if not base_hf_dir and os.path.exists(trained):
+    # A from-scratch run's SentencePiece model, so that AutoTokenizer loads the export.
+    hf.save_tokenizer(tokenizer_lib.load_tokenizer(trained), out)
   logging.info('wrote %s to %s', checkpoint_dir, out)
 
 

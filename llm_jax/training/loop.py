@@ -12,6 +12,7 @@ own shards and data position.
 
 import contextlib
 import dataclasses
+import os
 import time
 import zlib
 from typing import Any, Optional
@@ -396,7 +397,7 @@ def train_loop(run: Run, stop: preemption.StopRequests) -> tuple[int, Optional[d
               'byte')
       run.write_plots()
       run.throughput.start(step)
-    task_scalars = in_loop.run_in_loop_evals(config, run.model_config, run.state.params,
+    task_scalars = in_loop.run_in_loop_evals(config, run.model_config, run.model_params(),
                                              run.tokenizer, run.mesh, run.rules, step,
                                              last_step=config.train.num_steps)
     if task_scalars:
@@ -422,7 +423,7 @@ def _finish(run: Run, step: int, eval_result: Optional[dict], start_time: float)
   config = run.config
   if eval_result is None:  # resumed at the end: nothing was trained or evaluated
     eval_result = run.evaluate()
-  samples = sample_continuations(config, run.model_config, run.state.params, run.tokenizer,
+  samples = sample_continuations(config, run.model_config, run.model_params(), run.tokenizer,
                                  run.mesh, run.rules)
   for sample in samples:
     logging.info('sample: %r -> %r', sample['prompt'], sample['continuation'])
