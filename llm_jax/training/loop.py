@@ -254,8 +254,9 @@ class Run:
       logging.info('%s', line)
 
   def write_plots(self) -> list:
-    """Redraws the run's curves from metrics.jsonl (process 0); returns their paths."""
-    if jax.process_index() != 0:
+    """Redraws the run's curves from metrics.jsonl (process 0, local workdirs); returns their
+    paths. A cloud workdir's curves are drawn where they are looked at: python -m llm_jax.plot."""
+    if jax.process_index() != 0 or '://' in str(self.workdir):
       return []
     return plots.write_run_plots(str(self.workdir))
 

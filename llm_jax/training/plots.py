@@ -15,12 +15,12 @@ import io
 import json
 import math
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from etils import epath
-from matplotlib import figure as figure_lib
-from matplotlib import ticker
-from matplotlib.backends import backend_agg
+
+if TYPE_CHECKING:
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
 
 PLOTS_SUBDIR = 'plots'
 METRICS_FILENAME = 'metrics.jsonl'
@@ -79,6 +79,11 @@ def eval_keys(records: Sequence[dict]) -> list[str]:
 
 
 def _new_figure(rows: int = 1, cols: int = 1, width: float = 6.4, height: float = 4.0):
+  # Imported here: matplotlib writes its caches under $HOME, which a run that only trains (a
+  # TPU VM writing to gs://) should leave alone.
+  from matplotlib import figure as figure_lib  # pylint: disable=g-import-not-at-top
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
   fig = figure_lib.Figure(figsize=(width * cols, height * rows), dpi=_DPI, layout='constrained')
   backend_agg.FigureCanvasAgg(fig)
   axes = fig.subplots(rows, cols, squeeze=False)
@@ -94,7 +99,7 @@ def _plot(ax, records, key, label=None, **style):
   return bool(steps)
 
 
-def loss_figure(records: Sequence[dict], title: str = '') -> figure_lib.Figure:
+def loss_figure(records: Sequence[dict], title: str = '') -> 'figure.Figure':
   """Training loss per logged step, with the evaluation loss as points on the same axes."""
   fig, axes = _new_figure()
   ax = axes[0, 0]
@@ -106,7 +111,7 @@ def loss_figure(records: Sequence[dict], title: str = '') -> figure_lib.Figure:
   return fig
 
 
-def learning_rate_figure(records: Sequence[dict], title: str = '') -> figure_lib.Figure:
+def learning_rate_figure(records: Sequence[dict], title: str = '') -> 'figure.Figure':
   fig, axes = _new_figure()
   ax = axes[0, 0]
   _plot(ax, records, LEARNING_RATE, 'learning rate')
@@ -116,7 +121,7 @@ def learning_rate_figure(records: Sequence[dict], title: str = '') -> figure_lib
   return fig
 
 
-def eval_figure(records: Sequence[dict], title: str = '') -> Optional[figure_lib.Figure]:
+def eval_figure(records: Sequence[dict], title: str = '') -> Optional['figure.Figure']:
   """One panel per evaluation metric; None if the run has not evaluated yet."""
   keys = eval_keys(records)
   if not keys:
@@ -159,7 +164,7 @@ def write_run_plots(workdir: str, out_dir: Optional[str] = None) -> list[str]:
 
 
 def comparison_figure(workdirs: Sequence[str],
-                      labels: Optional[Sequence[str]] = None) -> figure_lib.Figure:
+                      labels: Optional[Sequence[str]] = None) -> 'figure.Figure':
   """Several runs' training loss (left) and evaluation loss (right), one colour per run.
 
   Args:
@@ -195,7 +200,7 @@ def write_comparison(workdirs: Sequence[str], out: str,
   return out
 
 
-def _save(fig: figure_lib.Figure, path: str):
+def _save(fig, path: str):
   """Writes the PNG in one piece (a temporary file renamed locally), so a reader mid-run never
   sees half of it; to cloud storage (gs://...) in one upload."""
   if '://' in path:
