@@ -28,7 +28,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from llm_jax import sharding
@@ -209,21 +208,7 @@ def train_step(state: steps.TrainState, base, batch, *, model_config: ModelConfi
   grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
   (_, (ce_sum, tokens)), grads = grad_fn(state.params, base, batch, model_config, lora_config,
                                          z_loss, dropout_key)
-  denom = jnp.maximum(tokens, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
-  loss = ce_sum / denom
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def apply_update(_):
-    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-    return optax.apply_updates(state.params, updates), new_opt_state
-
-  params, opt_state = jax.lax.cond(finite, apply_update,
-                                   lambda _: (state.params, state.opt_state), None)
-  metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': tokens, 'finite': finite,
-             'learning_rate': schedule(state.step)}
-  return steps.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  return steps.apply_guarded_update(state, grads, ce_sum, tokens, tx=tx, schedule=schedule)
 
 
 def abstract_state(model_config: ModelConfig, lora_config: LoraConfig, tx):

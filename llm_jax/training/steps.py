@@ -70,11 +70,12 @@ def accumulate_gradients(params, batch, model_config, z_loss: float, accum_steps
   return grads, ce_sum, tokens
 
 
-def train_step(state: TrainState, batch, *, model_config, tx, schedule: Callable,
-               z_loss: float = 0.0, accum_steps: int = 1):
-  """One optimizer update. A non-finite loss or gradient leaves the state untouched."""
-  grads, ce_sum, tokens = accumulate_gradients(state.params, batch, model_config, z_loss,
-                                               accum_steps)
+def apply_guarded_update(state: TrainState, grads, ce_sum, tokens, *, tx, schedule: Callable):
+  """The update for summed gradients of `tokens` target tokens, skipped when non-finite.
+
+  Returns (new state, metrics): a non-finite loss or gradient leaves the parameters and the
+  optimizer state untouched (the step counter still advances).
+  """
   denom = jnp.maximum(tokens, 1.0)
   grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
   loss = ce_sum / denom
@@ -93,6 +94,14 @@ def train_step(state: TrainState, batch, *, model_config, tx, schedule: Callable
   metrics = {'loss': loss, 'grad_norm': grad_norm, 'tokens': tokens, 'finite': finite,
              'learning_rate': schedule(state.step)}
   return new_state, metrics
+
+
+def train_step(state: TrainState, batch, *, model_config, tx, schedule: Callable,
+               z_loss: float = 0.0, accum_steps: int = 1):
+  """One optimizer update. A non-finite loss or gradient leaves the state untouched."""
+  grads, ce_sum, tokens = accumulate_gradients(state.params, batch, model_config, z_loss,
+                                               accum_steps)
+  return apply_guarded_update(state, grads, ce_sum, tokens, tx=tx, schedule=schedule)
 
 
 def eval_step(params, batch, *, model_config):
