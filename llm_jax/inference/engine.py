@@ -7,9 +7,11 @@
     engine.shutdown()
 
 One thread (the engine's own) owns the device. Between two decode steps it admits waiting
-requests into free slots (each prompt prefilled in chunks straight into its slot's cache row,
-see `slots.prefill_chunk`), drops cancelled ones, then launches one compiled step over all B
-slots (`slots.decode_slots`) and hands every active request its new token. Requests thus join
+requests into free slots, all at once, and prefills them together: each prefill call writes
+one chunk of each of up to P requests straight into their slots' cache rows, reading the
+weights once for all of them (`slots.prefill_rows`). It then drops cancelled requests,
+launches one compiled step over all B slots (`slots.decode_slots`) and hands every active
+request its new token. Requests thus join
 and leave at every step; nothing waits for a batch to finish. Outputs reach the caller through
 its `on_output` callback, called on the engine thread: it must return quickly (the HTTP server
 only moves the Output to its event loop).
@@ -22,9 +24,13 @@ longest live sequence rather than max_len.
 
 Each slot samples with its own parameters and PRNG seed, and its tokens go only to the request
 that holds the slot: a request's tokens are read from its slot's row and its row is reset by
-the first chunk of the next request's prefill. The programs compile once per chunk size (a
-few powers of two up to `chunk_size`) and once per window, all before the first request;
-per-request parameters are runtime values.
+the first chunk of the next request's prefill. A request's prompt is cut into chunks by its
+own length alone (the largest of a few powers of two up to `chunk_size` that the rest of the
+prompt fills), and a prefill call takes only rows of one chunk size, so which requests share
+a call never changes how any one of them is computed. The prefill programs compile once per
+chunk size, row count (1, or as many as fit `_PREFILL_TOKENS` tokens) and window (two), the
+decode step once per window, all before the first request; per-request parameters are
+runtime values.
 """
 
 import collections
@@ -52,6 +58,13 @@ __all__ = ['Engine', 'Output', 'QueueFullError', 'Request', 'SamplingParams',
 
 _MIN_CHUNK = 16
 _MIN_WINDOW = 64
+# Prompt tokens per batched prefill call: chunks of C tokens go P = _PREFILL_TOKENS // C at a
+# time (at most one per slot), so a call's activations stay small while its weights are read
+# once for many requests.
+_PREFILL_TOKENS = 256
+# A prefill chunk attends to the first _PREFILL_WINDOW positions of its slot's cache when its
+# prompt fits there, to the whole cache otherwise.
+_PREFILL_WINDOW = 256
 # pylint: disable=protected-access  (the engine shares decode.py's layout and placement helpers)
 
 
@@ -66,6 +79,7 @@ class Request:
   submitted: float
   cancelled: bool = False
   slot: Optional[int] = None
+  prefilled: int = 0  # prompt tokens already in the slot's cache
   num_new: int = 0
   first_token_time: Optional[float] = None
   finished: bool = False
@@ -92,6 +106,13 @@ def _chunk_sizes(chunk_size: int) -> list:
   while sizes[-1] < chunk_size:
     sizes.append(min(sizes[-1] * 2, chunk_size))
   return sizes
+
+
+def _prefill_windows(chunk: int, windows: list) -> list:
+  """The attention windows of prefill calls with `chunk`-token chunks: the smallest decode
+  window that holds _PREFILL_WINDOW positions (or the chunk), and the whole cache."""
+  base = next((w for w in windows if w >= max(chunk, _PREFILL_WINDOW)), windows[-1])
+  return sorted({base, windows[-1]})
 
 
 class Engine:
@@ -127,6 +148,12 @@ class Engine:
     self.max_queue = max_queue
     self._chunk_sizes = _chunk_sizes(chunk_size)
     self._windows = _window_sizes(self.max_len)
+    self._prefill_rows = {c: min(num_slots, max(1, _PREFILL_TOKENS // c))
+                          for c in self._chunk_sizes}
+    self._prefill_windows = {c: _prefill_windows(c, self._windows) for c in self._chunk_sizes}
+    prefill_shapes = [(c, rows, window) for c in self._chunk_sizes
+                      for rows in sorted({1, self._prefill_rows[c]})
+                      for window in self._prefill_windows[c]]
     self._num_tokens = np.int32(config.vocab_size if tokenizer is None else
                                 min(tokenizer.vocab_size, config.vocab_size))
     run_config = decode._run_config(config, self.layout, unroll_layers)
@@ -137,8 +164,8 @@ class Engine:
       self._params = decode._place_params(config, params, self.layout, run_config)
     self._state = self._initial_state(run_config, cache_dtype)
     shardings = jax.tree.map(lambda x: x.sharding, self._state)
-    self._prefill, self._steps = slots_lib.compiled_programs(run_config, self.layout, shardings,
-                                                             self._windows)
+    self._prefills, self._steps = slots_lib.compiled_programs(
+        run_config, self.layout, shardings, prefill_shapes, self._windows)
     self._scorer = slots_lib.compiled_scorer(self._score_config, self.layout)
     self._last = np.zeros((num_slots,), np.int32)  # first tokens of fresh slots
     self._fresh = np.zeros((num_slots,), bool)
@@ -304,14 +331,15 @@ class Engine:
   def _warm_up(self) -> None:
     """Compiles every program before the first request, so that none waits for a compile.
 
-    Prefills slot 0 with each chunk size and steps with every slot free; slot 0's row is
-    reset by its next request's first chunk.
+    Runs every prefill program with unused rows only (they write nothing) and steps with
+    every slot free.
     """
-    row_knobs = {name: values[:1] for name, values in self._knobs.items()}
-    for size in self._chunk_sizes:
-      self._state, _ = self._prefill(self._params, self._state, np.int32(0),
-                                     np.zeros((size,), np.int32), np.int32(0), np.int32(size),
-                                     row_knobs, self._num_tokens)
+    for (size, rows, _), prefill in self._prefills.items():
+      knobs = {name: values[:rows] for name, values in self._knobs.items()}
+      self._state, _ = prefill(
+          self._params, self._state, np.full((rows,), self.num_slots, np.int32),
+          np.zeros((rows, size), np.int32), np.zeros((rows,), np.int32),
+          np.zeros((rows,), np.int32), knobs, self._num_tokens)
     previous = jnp.zeros((self.num_slots,), jnp.int32)
     for window in self._windows:
       self._state, drawn = self._steps[window](
@@ -327,11 +355,13 @@ class Engine:
         while (scores := self._next_work()) is not None:
           for ids, future in scores:
             self._run_score(ids, future)
+          admitted = []
           for request in list(self._slots):
             if request is not None and request.cancelled:
               self._finish(request, 'cancelled')
             elif request is not None and request.num_new == 0:
-              self._run_prefill(request)
+              admitted.append(request)
+          self._run_prefills(admitted)
           # The next step runs while the host hands out the previous step's tokens.
           launched = self._launch_step()
           self._deliver_step(self._in_flight)
@@ -362,30 +392,62 @@ class Engine:
     for name, _ in slots_lib.KNOBS:
       self._knobs[name][slot] = getattr(params, name)
 
-  def _run_prefill(self, request: Request) -> None:
-    slot, prompt = request.slot, request.prompt
-    if request.params.max_tokens == 0:
-      self._finish(request, 'length')
+  def _next_chunk(self, request: Request) -> int:
+    """The size of the request's next prefill chunk: the largest that the rest of its prompt
+    fills, so little of it is padding (a function of the prompt alone)."""
+    rest = request.prompt.size - request.prefilled
+    return next((c for c in reversed(self._chunk_sizes) if c <= rest), self._chunk_sizes[0])
+
+  def _run_prefills(self, requests: list) -> None:
+    """Prefills the admitted requests together and hands each its first token.
+
+    Each call takes the next chunk of up to P requests whose next chunks have the same size
+    (the oldest request's size first); a request's chunks go in order, one per call.
+    """
+    pending = []
+    for request in requests:
+      if request.params.max_tokens == 0:
+        self._finish(request, 'length')
+      else:
+        self._set_knobs(request.slot, request.params)
+        pending.append(request)
+    while pending:
+      size = self._next_chunk(pending[0])
+      group = [r for r in pending if self._next_chunk(r) == size][:self._prefill_rows[size]]
+      self._prefill_group(size, group)
+      pending = [r for r in pending if r.prefilled < r.prompt.size]
+
+  def _prefill_group(self, size: int, group: list) -> None:
+    """One prefill call: the next `size`-token chunk of each request in `group`."""
+    rows = 1 if len(group) == 1 else self._prefill_rows[size]
+    slots = np.full((rows,), self.num_slots, np.int32)  # unused rows: slot B writes nothing
+    tokens = np.zeros((rows, size), np.int32)
+    starts, lengths = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
+    knobs = {name: np.zeros((rows,), dtype) for name, dtype in slots_lib.KNOBS}
+    for row, request in enumerate(group):
+      piece = request.prompt[request.prefilled:request.prefilled + size]
+      slots[row], starts[row], lengths[row] = request.slot, request.prefilled, request.prompt.size
+      tokens[row, :piece.size] = piece
+      for name in knobs:
+        knobs[name][row] = self._knobs[name][request.slot]
+    needed = int(np.minimum(starts + size, lengths).max())
+    window = next(w for w in self._prefill_windows[size] if w >= needed)
+    self._state, first = self._prefills[size, rows, window](
+        self._params, self._state, slots, tokens, starts, lengths, knobs, self._num_tokens)
+    for request in group:
+      request.prefilled += size
+    done = [(row, r) for row, r in enumerate(group) if r.prefilled >= r.prompt.size]
+    if not done:
       return
-    self._set_knobs(slot, request.params)
-    row_knobs = {name: values[slot:slot + 1] for name, values in self._knobs.items()}
-    start = 0
-    while start < prompt.size:
-      # The largest chunk that the rest of the prompt fills, so little of it is padding.
-      size = next((c for c in reversed(self._chunk_sizes) if c <= prompt.size - start),
-                  self._chunk_sizes[0])
-      chunk = np.zeros((size,), np.int32)
-      piece = prompt[start:start + size]
-      chunk[:piece.size] = piece
-      self._state, first = self._prefill(self._params, self._state, np.int32(slot), chunk,
-                                         np.int32(start), np.int32(prompt.size), row_knobs,
-                                         self._num_tokens)
-      start += size
-    token, logprob, top_ids, top_logprobs = (x[0] for x in jax.device_get(first))
-    self._last[slot], self._positions[slot], self._counts[slot] = token, prompt.size, 1
-    self._fresh[slot] = True
-    request.first_token_time = time.monotonic()
-    self._deliver(request, token, logprob, top_ids, top_logprobs)
+    first = jax.device_get(first)
+    now = time.monotonic()
+    for row, request in done:
+      token, logprob, top_ids, top_logprobs = (x[row] for x in first)
+      slot = request.slot
+      self._last[slot], self._positions[slot], self._counts[slot] = token, request.prompt.size, 1
+      self._fresh[slot] = True
+      request.first_token_time = now
+      self._deliver(request, token, logprob, top_ids, top_logprobs)
 
   def _launch_step(self) -> Optional['_Step']:
     """Dispatches one decode step of every slot whose request has its first token.

@@ -5,12 +5,14 @@ rules 'cache_batch', 'cache_seq', 'cache_kv_heads', 'cache_head_dim', like `deco
 and `seen` [B, V], the tokens of each slot's sequence (for the repetition penalty). Three
 programs work on it:
 
-* `prefill_chunk` writes C prompt tokens of one request into its slot's cache row at their
-  positions (a long prompt is C tokens at a time, C a small static size), and draws the first
-  new token from the logits after the prompt. Each chunk attends to its slot's cache: float32
-  scores [C, S] per head, so a prompt's scratch memory grows linearly with its length and never
-  holds [T, T] scores. The slot's row is sliced out, updated and written back, and the state
-  is donated, so the cache is updated in place.
+* `prefill_rows` writes chunks of C prompt tokens of P requests (P rows, each a slot and a
+  chunk) into their slots' cache rows at their positions, in one pass over the weights (a
+  long prompt is C tokens at a time, C a small static size), and draws each request's first
+  new token from the logits after its prompt. Layer by layer, it gathers the rows' first W
+  cache positions (W static), so each chunk attends through float32 scores [C, W] per head: a
+  prompt's scratch memory grows linearly with its length and never holds [T, T] scores. Only
+  the new keys/values are scattered back into the donated cache, in place. `prefill_chunk` is
+  its one-row form over the whole cache.
 * `decode_slots` feeds every slot its newest token and draws the next one, each slot with its
   own temperature, top-k, top-p, repetition penalty and seed. It runs the model layer by layer
   on a window of the cache (the first W positions, W static) and writes each new key/value
@@ -119,48 +121,95 @@ def select_rows(logits: jax.Array, seen: jax.Array, knobs: dict, counts: jax.Arr
   return tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs
 
 
-def _mark_seen(seen: jax.Array, slot, ids: jax.Array, valid: jax.Array) -> jax.Array:
-  """Marks ids [C] (where valid) as seen in row `slot` of seen [B, V]."""
-  ids = jnp.where(valid, ids, seen.shape[1])  # out of range: dropped by the scatter
-  return seen.at[slot, ids].set(True, mode='drop')
+def _mark_seen(seen: jax.Array, slots, ids: jax.Array, valid: jax.Array) -> jax.Array:
+  """Marks ids [P, C] (where valid) as seen in rows slots [P] of seen [B, V].
+
+  Out-of-range ids and slots (unused prefill rows) are dropped by the scatter.
+  """
+  ids = jnp.where(valid, ids, seen.shape[1])
+  return seen.at[slots[:, None], ids].set(True, mode='drop')
 
 
-def prefill_chunk(config: model_lib.ModelConfig, layout, params, state: dict, slot, tokens,
-                  start, length, knobs: dict, num_tokens) -> tuple:
-  """Writes prompt tokens [C] at positions start.. into slot `slot`; draws the first token.
+def _prefill_layers(config: model_lib.ModelConfig, params, cache: dict, slots, tokens,
+                    positions, written, window: int) -> tuple:
+  """The model on chunks tokens [P, C] of the slots [P], attending to their first `window`
+  cache positions; returns (final-norm activations [P, C, D], cache).
+
+  Each layer gathers the rows' first `window` keys/values (its work follows the window, not
+  S), runs on them, and scatters only the chunk's new keys/values back into the donated cache,
+  at positions where `written` [P, C] (never an unused row's or a padding token's).
+  """
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  x = Embedder(config.vocab_size, config.embed_dim, config.tie_embeddings, dtype,
+               param_dtype).apply({'params': params['embedder']}, tokens, method='encode')
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  cache_len = cache['k'].shape[2]
+  targets = jnp.where(written, positions, cache_len)  # out of range: dropped
+  read = jnp.minimum(positions, window - 1)
+  for i in range(config.num_layers):
+    view = {name: c[i].at[slots, :window].get(mode='fill', fill_value=0)
+            for name, c in cache.items()}
+    x, view = model_lib.DecoderLayer(config).apply(
+        {'params': _layer_params(config, params, i)}, x, positions, None, view)
+    cache = {name: c.at[i, slots[:, None], targets].set(view[name][rows, read], mode='drop')
+             for name, c in cache.items()}
+  x = RMSNorm(config.norm_eps, dtype, param_dtype).apply({'params': params['final_norm']}, x)
+  return x, cache
+
+
+def prefill_rows(config: model_lib.ModelConfig, layout, params, state: dict, slots, tokens,
+                 starts, lengths, knobs: dict, num_tokens, *, window: int) -> tuple:
+  """Writes chunks of several prompts into their slots' cache rows; draws first tokens.
+
+  Row p writes tokens[p] at positions starts[p].. of slot slots[p]. A row whose slot is B (out
+  of range) is unused: it reads zeros and writes nothing. A slot appears at most once. Every
+  row's result depends only on its own inputs, never on the other rows.
 
   Args:
     config: the run config (layers possibly unrolled).
     layout: the engine's mesh and rules (`decode._Layout`).
     params: placed parameters.
     state: {'cache': {'k', 'v'} [L, B, S, K, H], 'seen': [B, V]} (donated).
-    slot: [] the slot index.
-    tokens: [C] this chunk of the prompt (padded past the prompt's end).
-    start: [] position of tokens[0]; 0 starts a new sequence in the slot.
-    length: [] the whole prompt's length.
-    knobs: the request's parameters, each [1] (see KNOBS).
+    slots: [P] slot of each row.
+    tokens: [P, C] each row's chunk of its prompt (padded past the prompt's end).
+    starts: [P] position of tokens[:, 0]; 0 starts a new sequence in the slot.
+    lengths: [P] each whole prompt's length.
+    knobs: each row's request parameters, each [P] (see KNOBS).
     num_tokens: [] ids from this one on are never chosen.
+    window: static; every row's prompt positions in this chunk lie below it.
 
   Returns:
-    (state, (token, logprob, top ids, top logprobs) of the first new token, each with a
-    leading [1]). The draw is meaningful, and recorded in `seen`, only for the chunk holding
-    the prompt's last token.
+    (state, (token, logprob, top ids, top logprobs) of each row's first new token, each with
+    a leading [P]). A row's draw is meaningful, and recorded in `seen`, only when its chunk
+    holds the prompt's last token.
   """
-  cache_row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1),
-                           state['cache'])
-  last_index = jnp.clip(length - 1 - start, 0, tokens.shape[0] - 1)
-  logits, cache_row = decode.prefill(config, params, tokens[None], (last_index + 1)[None],
-                                     cache_row, offset=start)
-  cache = jax.tree.map(lambda c, row: jax.lax.dynamic_update_slice_in_dim(c, row, slot, axis=1),
-                       state['cache'], cache_row)
+  num_slots, chunk = state['cache']['k'].shape[1], tokens.shape[1]
+  used = slots < num_slots
+  positions = starts[:, None] + jnp.arange(chunk)[None, :]
+  in_prompt = (positions < lengths[:, None]) & used[:, None]
+  hidden, cache = _prefill_layers(config, params, state['cache'], slots, tokens, positions,
+                                  in_prompt, window)
+  last_index = jnp.clip(lengths - 1 - starts, 0, chunk - 1)
+  last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)  # [P, 1, D]
+  logits = decode._project(config, params, last)[:, 0]  # pylint: disable=protected-access
   seen = state['seen']
-  seen = seen.at[slot].set(jnp.where(start == 0, False, seen[slot]))
-  positions = start + jnp.arange(tokens.shape[0])
-  seen = _mark_seen(seen, slot, tokens, positions < length)
-  first = select_rows(logits, seen[slot][None], knobs, jnp.zeros((1,), jnp.int32), num_tokens)
-  is_last = start + tokens.shape[0] >= length
-  seen = _mark_seen(seen, slot, first[0], is_last[None])
+  fresh = seen.at[slots].get(mode='fill', fill_value=False) & (starts != 0)[:, None]
+  seen = seen.at[slots].set(fresh, mode='drop')
+  seen = _mark_seen(seen, slots, tokens, in_prompt)
+  row_seen = seen.at[slots].get(mode='fill', fill_value=False)
+  first = select_rows(logits, row_seen, knobs, jnp.zeros_like(starts), num_tokens)
+  is_last = used & (starts + chunk >= lengths)
+  seen = _mark_seen(seen, slots, first[0][:, None], is_last[:, None])
   return {'cache': layout.constrain_cache(cache), 'seen': seen}, first
+
+
+def prefill_chunk(config: model_lib.ModelConfig, layout, params, state: dict, slot, tokens,
+                  start, length, knobs: dict, num_tokens) -> tuple:
+  """`prefill_rows` for one row attending to the whole cache: tokens [C] at positions start..
+  of slot `slot` ([] scalars start, length; knobs each [1]); results with a leading [1]."""
+  return prefill_rows(config, layout, params, state, jnp.reshape(slot, (1,)), tokens[None],
+                      jnp.reshape(start, (1,)), jnp.reshape(length, (1,)), knobs, num_tokens,
+                      window=state['cache']['k'].shape[2])
 
 
 def _layer_params(config: model_lib.ModelConfig, params, i: int):
@@ -231,22 +280,26 @@ def score_tokens(config: model_lib.ModelConfig, params, tokens, num_tokens) -> t
   return following, top_ids.astype(jnp.int32), top_logprobs
 
 
-def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, windows):
-  """(prefill_chunk, {window: decode_slots}) jitted for one run config and layout, state
-  donated; one decode program per attention window.
+def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, prefill_shapes,
+                      windows):
+  """({(chunk, rows, window): prefill_rows}, {window: decode_slots}) jitted for one run config
+  and layout, state donated: one prefill program per shape in `prefill_shapes`, one decode
+  program per attention window.
 
   Not cached across engines: each engine compiles its own (the state shardings are dicts).
   """
   params = decode._param_shardings(config, layout)  # pylint: disable=protected-access
   replicated = layout.replicated
-  prefill = jax.jit(functools.partial(prefill_chunk, config, layout),
-                    in_shardings=(params, state_shardings) + (replicated,) * 6,
-                    out_shardings=(state_shardings, replicated), donate_argnums=1)
+  prefills = {(chunk, rows, window): jax.jit(
+      functools.partial(prefill_rows, config, layout, window=window),
+      in_shardings=(params, state_shardings) + (replicated,) * 6,
+      out_shardings=(state_shardings, replicated), donate_argnums=1)
+              for chunk, rows, window in prefill_shapes}
   steps = {window: jax.jit(functools.partial(decode_slots, config, layout, window=window),
                            in_shardings=(params, state_shardings) + (replicated,) * 8,
                            out_shardings=(state_shardings, replicated), donate_argnums=1)
            for window in windows}
-  return prefill, steps
+  return prefills, steps
 
 
 @functools.lru_cache(maxsize=16)
