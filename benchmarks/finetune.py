@@ -2,6 +2,8 @@
 
     python benchmarks/finetune.py --preset=tiny --batch_size=8 --seq_len=256
     python benchmarks/finetune.py --preset=llama-150m --batch_size=4 --seq_len=256 --rank=16
+    python benchmarks/finetune.py --hf_dir=~/.cache/llm_jax/models/SmolLM2-135M-Instruct \\
+        --batch_size=4 --seq_len=128
 
 All three train the same randomly initialised model on the same random batch: llm_jax's LoRA
 step (`llm_jax.model.lora`: frozen base, adapters merged into the kernels inside the loss),
@@ -12,6 +14,7 @@ compiled step's footprint (arguments + outputs + temporaries - donated), for tor
 of the process's peak RSS while it ran (CPU only, a rough figure).
 """
 
+import json
 import os
 import resource
 import statistics
@@ -29,12 +32,16 @@ from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-
 from llm_jax import host_memory
 from llm_jax import model as model_lib
 from llm_jax import sharding
+from llm_jax.convert import hf
 from llm_jax.model import lora
 from llm_jax.tools import flops
 from llm_jax.training import optim
 from llm_jax.training import steps as train_steps
 
 _PRESET = flags.DEFINE_string('preset', 'tiny', 'Model preset (llm_jax.model.PRESETS).')
+_HF_DIR = flags.DEFINE_string('hf_dir', '', 'Take the model shapes from this Hugging Face '
+                              "directory's config.json instead of --preset (random weights "
+                              'still: step times do not depend on them).')
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _SEQ = flags.DEFINE_integer('seq_len', 256, 'Sequence length.')
 _RANK = flags.DEFINE_integer('rank', 8, 'LoRA rank.')
@@ -175,7 +182,12 @@ def main(argv):
   del argv
   if host_memory.runs_on_cpu_only():
     host_memory.retain_freed_memory()  # as llm_jax.main does; torch benefits too
-  model_config = model_lib.get_preset(_PRESET.value, scan_layers=False)
+  if _HF_DIR.value:
+    with open(os.path.join(_HF_DIR.value, hf.CONFIG_FILE), encoding='utf-8') as f:
+      model_config = hf.config_from_hf(json.load(f), scan_layers=False)
+    name = os.path.basename(_HF_DIR.value.rstrip('/'))
+  else:
+    model_config, name = model_lib.get_preset(_PRESET.value, scan_layers=False), _PRESET.value
   lora_config = lora.LoraConfig(rank=_RANK.value, alpha=2.0 * _RANK.value,
                                 targets=tuple(_TARGETS.value))
   optim_config = default.get_config().optim
@@ -188,7 +200,7 @@ def main(argv):
   # LoRA skips the base's weight gradients (about a third of the full step's matmuls), but this
   # figure counts the full step's FLOPs for both, as MFU figures of LoRA usually do.
   flops_per_token = flops.training_flops_per_token(model_config, _SEQ.value)
-  print(f'{_PRESET.value}, batch {_BATCH.value} x {_SEQ.value}, LoRA rank {_RANK.value} on '
+  print(f'{name}, batch {_BATCH.value} x {_SEQ.value}, LoRA rank {_RANK.value} on '
         f'{",".join(lora_config.targets)}; {jax.device_count()} x {device.device_kind}; median '
         f'of {_STEPS.value} steps after {_WARMUP.value} warm-up', flush=True)
   runners = {'llm_jax LoRA': JaxLoraStep(model_config, lora_config, optim_config, batch)}

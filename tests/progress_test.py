@@ -66,7 +66,7 @@ def test_bar_shows_count_rate_eta_and_figures():
 
 def test_plain_mode_writes_no_bar_and_logs_lines(caplog):
   stream = io.StringIO()
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     with progress.Progress(10, 'train', interactive=False, stream=stream) as bar:
       bar.update(3, loss=2.0)
       bar.write('step 3/10 | loss 2.0000')

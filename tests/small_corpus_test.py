@@ -47,7 +47,7 @@ def test_validation_is_several_small_pieces_of_a_small_file(small_corpus):
 def test_tokenizer_log_gives_the_text_it_really_read(small_corpus, caplog):
   config, _, tmp_path = small_corpus
   train_bytes = sum(len(t.encode('utf-8')) for t in _texts(config, 'train'))
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger='absl'):
     pipeline.get_tokenizer(config, str(tmp_path / 'work_log'), VOCAB)
   message = next(r.getMessage() for r in caplog.records if 'SentencePiece' in r.getMessage())
   assert f'on {train_bytes} bytes' in message and 'the whole train split' in message
