@@ -75,24 +75,37 @@ _PARTS = flags.DEFINE_list('parts', ['zero_shot', 'llm_jax', 'peft', 'baselines'
                            'scoring in torch, a check), llm_jax, peft, baselines.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Also write the Markdown table to this file.')
 
-_LABELS = ('negative', 'positive')
-_QUESTION = ('Is the sentiment of this movie review positive or negative? Answer with one '
-             'word.\n\nReview: {text}')
+# task -> (label words, the user turn's question, characters of text kept: mails are long).
+_TASKS = {
+    'sentiment': (('negative', 'positive'),
+                  'Is the sentiment of this movie review positive or negative? Answer with one '
+                  'word.\n\nReview: {text}', None),
+    'spam': (('ham', 'spam'),
+             'Is this e-mail spam or ham (a legitimate mail)? Answer with one word.\n\n'
+             'E-mail: {text}', 300),
+}
+_TASK = flags.DEFINE_enum('task', 'sentiment', sorted(_TASKS), 'Which prepared dataset.')
+
+
+def _labels() -> tuple:
+  return _TASKS[_TASK.value][0]
 _PEFT_MODULES = {'q': 'q_proj', 'k': 'k_proj', 'v': 'v_proj', 'o': 'o_proj',
                  'gate': 'gate_proj', 'up': 'up_proj', 'down': 'down_proj'}
 
 
 def _read(split: str, limit: Optional[int] = None) -> list[dict]:
-  path = os.path.join(_DATA_DIR.value, 'sentiment', f'{split}.jsonl')
+  path = os.path.join(_DATA_DIR.value, _TASK.value, f'{split}.jsonl')
+  keep = _TASKS[_TASK.value][2]
   with open(path, encoding='utf-8') as f:
     rows = [json.loads(line) for line in f][:limit]
+  rows = [dict(row, text=row['text'][:keep]) for row in rows]
   if limit is not None and len(rows) < limit:
     raise ValueError(f'{path} holds {len(rows)} reviews; asked for {limit}')
   return rows
 
 
 def _user(text: str) -> dict:
-  return {'role': 'user', 'content': _QUESTION.format(text=text)}
+  return {'role': 'user', 'content': _TASKS[_TASK.value][1].format(text=text)}
 
 
 def _label_pairs(template, tokenizer, reviews: list[dict]) -> list[list[tuple]]:
@@ -102,7 +115,7 @@ def _label_pairs(template, tokenizer, reviews: list[dict]) -> list[list[tuple]]:
   for review in reviews:
     prompt = chat_templates.build_prompt(template, tokenizer, [_user(review['text'])])
     answers = []
-    for label in _LABELS:
+    for label in _labels():
       ids = template.encode(tokenizer, [_user(review['text']),
                                         {'role': 'assistant', 'content': label}],
                             add_generation_prompt=False)
@@ -118,13 +131,13 @@ def _label_pairs(template, tokenizer, reviews: list[dict]) -> list[list[tuple]]:
 
 def _predict(loglikelihood, pairs: list[list[tuple]]) -> list[str]:
   flat = [p for review in pairs for p in review]
-  scores = np.asarray([s for s, _ in loglikelihood(flat)]).reshape(len(pairs), len(_LABELS))
-  return [_LABELS[i] for i in scores.argmax(-1)]
+  scores = np.asarray([s for s, _ in loglikelihood(flat)]).reshape(len(pairs), len(_labels()))
+  return [_labels()[i] for i in scores.argmax(-1)]
 
 
 def _figures(gold: list[str], predicted: list[str]) -> dict:
   return {'accuracy': sk_metrics.accuracy_score(gold, predicted),
-          'macro_f1': sk_metrics.f1_score(gold, predicted, average='macro', labels=_LABELS,
+          'macro_f1': sk_metrics.f1_score(gold, predicted, average='macro', labels=_labels(),
                                           zero_division=0)}
 
 
@@ -270,7 +283,7 @@ def _baselines(train: list[dict], test: list[dict], gold: list[str]) -> list[tup
   for name, reviews in ((f'{len(train)} training reviews', train),
                         (f'whole train split, {len(full)} reviews', full)):
     labels = [r['label'] for r in reviews]
-    majority = max(_LABELS, key=labels.count)
+    majority = max(_labels(), key=labels.count)
     rows.append((f'majority class ({name})', _figures(gold, [majority] * len(gold)), None))
     classifier = pipeline.make_pipeline(feature_extraction.text.TfidfVectorizer(),
                                         linear_model.LogisticRegression(max_iter=1000))
