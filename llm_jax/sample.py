@@ -24,6 +24,7 @@ from typing import Iterable, Optional
 from absl import app
 from absl import flags
 from etils import epath
+import jax
 
 from llm_jax.data import chat_templates
 from llm_jax.training import checkpoint
@@ -46,6 +47,9 @@ _TEMPLATE = flags.DEFINE_string(
     'chat_template', 'auto', "Chat format: auto (the model directory's own Jinja template, else "
     'llama3 if the tokenizer has its tokens, else llama2), llama2, llama3, or a .jinja file.')
 _TRANSCRIPT = flags.DEFINE_string('transcript', None, 'Write the chat messages here (JSON).')
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'Also write each prompt and its continuation here, one JSON object a line '
+    '(for scripts; stdout mixes in what libraries print). Written by process 0.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 256, 'Tokens to generate per prompt/turn.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 40, '0 = off.')
@@ -263,13 +267,18 @@ def main(argv):
              for p, ids in zip(_PROMPT.value, prompts)]
     if len(prompts) == 1:
       print(shown[0], end='', flush=True)
-      respond(config, params, tokenizer, prompts[0], [tokenizer.eos_id], mesh)
-      return
-    kwargs = dict(_sampling_kwargs(), num_beams=_NUM_BEAMS.value,
-                  length_penalty=_LENGTH_PENALTY.value)
-    texts = decode.generate(config, params, prompts, tokenizer=tokenizer, mesh=mesh, **kwargs)
-    for prompt, text in zip(shown, texts):
-      print(f'{prompt}{text}\n---')
+      texts = [respond(config, params, tokenizer, prompts[0], [tokenizer.eos_id], mesh)[0]]
+    else:
+      kwargs = dict(_sampling_kwargs(), num_beams=_NUM_BEAMS.value,
+                    length_penalty=_LENGTH_PENALTY.value)
+      texts = decode.generate(config, params, prompts, tokenizer=tokenizer, mesh=mesh,
+                              **kwargs)
+      for prompt, text in zip(shown, texts):
+        print(f'{prompt}{text}\n---')
+    if _OUTPUT.value and jax.process_index() == 0:
+      epath.Path(_OUTPUT.value).write_text(''.join(
+          json.dumps({'prompt': prompt, 'continuation': text}, ensure_ascii=False) + '\n'
+          for prompt, text in zip(shown, texts)), encoding='utf-8')
 
 
 def main_with_one_line_errors(argv):

@@ -54,6 +54,21 @@ def _eval_loss(metrics: dict) -> float:
   return metrics[BEST_METRIC]
 
 
+class _Manager(ocp.CheckpointManager):
+  """A CheckpointManager that leaves JAX's preemption sync point to the training loop.
+
+  Orbax asks `reached_preemption_sync_point(step)` itself, among others from its background
+  finalize thread with the step being finalized, an older one. JAX sets the sync point to
+  "the fastest process's last call + 1" and answers only on exactly that call, so such a
+  stale call can put the sync point behind the loop, which then never stops.
+  `preemption.StopRequests` is the only caller and forces the save at the step it stops.
+  """
+
+  def reached_preemption(self, step: int) -> bool:
+    del step
+    return False
+
+
 def create_manager(directory: str, *, keep: Optional[int] = None, keep_best: int = 0,
                    async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
   """CheckpointManager keeping the last `keep` steps, saving asynchronously if asked.
@@ -74,7 +89,7 @@ def create_manager(directory: str, *, keep: Optional[int] = None, keep_best: int
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None if keep_best else keep, enable_async_checkpointing=async_save,
       create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only, **best)
-  return ocp.CheckpointManager(absolute(directory), options=options)
+  return _Manager(absolute(directory), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, model_config: model_lib.ModelConfig,

@@ -385,7 +385,7 @@ def train_loop(run: Run, stop: preemption.StopRequests) -> tuple[int, Optional[d
       run.bar = progress.Progress(config.train.num_steps, 'train', initial=step,
                                   interactive=run.interactive)
     last = step == config.train.num_steps
-    stopping = stop.should_stop(step)
+    stopping = stop.should_stop()
     if step % config.train.log_every == 0 or last or stopping:
       log_steps(run, step, pending)
       pending = []

@@ -29,6 +29,7 @@ class StopRequests:
     self.preempted = False
     self.interrupted = False
     self._previous = {}
+    self._calls = 0
 
   def __enter__(self):
     if jax.process_count() == 1:
@@ -60,8 +61,16 @@ class StopRequests:
           file=sys.stderr, flush=True)
     self.interrupted = True
 
-  def should_stop(self, step: int) -> bool:
-    """Whether to save and stop after `step`; all processes agree on the same step."""
-    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step):
+  def should_stop(self) -> bool:
+    """Whether to save and stop after the step just run; all processes agree on the step.
+
+    Every process must call it once per step, from the first step of this attempt on.
+    """
+    self._calls += 1
+    # JAX's sync point is "the fastest process's last call + 1", with 0 before any call. The
+    # calls of this attempt, counted from 1, keep that meaning after a resume: a notice that
+    # comes before the first step (while restoring or compiling) stops after that step. Given
+    # the resumed step instead, such a notice would set the sync point to 1, never reached.
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(self._calls):
       self.preempted = True
     return self.preempted or self.interrupted
