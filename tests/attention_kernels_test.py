@@ -205,3 +205,33 @@ def test_blockwise_refuses_cross_attention_lengths():
   with pytest.raises(ValueError, match='4 query heads are not a multiple of 3'):
     blockwise_attention.blockwise_attention(q, k[:, :, :1].repeat(3, axis=2),
                                             v[:, :, :1].repeat(3, axis=2))
+
+
+@pytest.mark.parametrize('prefix_len, q_len', [((0, 3, 8), 1), ((5, 2), 4)])
+def test_prefix_attention_matches_numpy_with_the_new_keys_written_first(prefix_len, q_len):
+  """New tokens at positions prefix_len.. see their row's first prefix_len cached slots (the
+  rest is stale and hidden) and the new tokens before them."""
+  batch, window = len(prefix_len), 8
+  rng = np.random.default_rng(1)
+  q, k, v = _inputs(batch=batch, q_len=q_len, kv_len=q_len, seed=2)[:3]
+  prefix_k = rng.normal(size=(batch, window) + k.shape[2:]).astype(np.float32)
+  prefix_v = rng.normal(size=(batch, window) + k.shape[2:]).astype(np.float32)
+  lengths = np.array(prefix_len, np.int32)
+  positions = lengths[:, None] + np.arange(q_len, dtype=np.int32)[None, :]
+  got = ak.prefix_attention(q, k, v, positions, None, prefix_k, prefix_v, lengths)
+  # The cache with the new keys at their positions, stale slots made never visible.
+  slots = np.arange(window)[None, :]
+  kv_index = np.concatenate([np.where(slots < lengths[:, None], slots, 10**6), positions], 1)
+  expected = numpy_attention(q, np.concatenate([prefix_k, k], 1),
+                             np.concatenate([prefix_v, v], 1), positions, kv_index)
+  np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_prefix_attention_of_packed_prompts_sees_each_prompt_only():
+  segments = np.array([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1]], np.int32)
+  positions = np.array([[0, 1, 2, 0, 1, 2, 3, 0, 1, 0]], np.int32)
+  q, k, v = _inputs(batch=1, q_len=10, kv_len=10, seed=3)[:3]
+  empty = np.zeros((1, 0) + k.shape[2:], np.float32)
+  got = ak.prefix_attention(q, k, v, positions, segments, empty, empty, np.zeros((1,), np.int32))
+  expected = numpy_attention(q, k, v, positions, positions, segments, segments)
+  np.testing.assert_allclose(got, expected, atol=2e-5)

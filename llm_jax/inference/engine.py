@@ -24,11 +24,12 @@ longest live sequence rather than max_len.
 
 Each slot samples with its own parameters and PRNG seed, and its tokens go only to the request
 that holds the slot: a request's tokens are read from its slot's row and its row is reset by
-the first chunk of the next request's prefill. A request's prompt is cut into chunks by its
-own length alone (the largest of a few powers of two up to `chunk_size` that the rest of the
-prompt fills), and a prefill call takes only rows of one chunk size, so which requests share
-a call never changes how any one of them is computed. The prefill programs compile once per
-chunk size, row count (1, or as many as fit `_PREFILL_TOKENS` tokens) and window (two), the
+the first chunk of the next request's prefill. Prompts of at most `chunk_size` tokens are
+packed, whole, one after another into one row of a prefill call (up to `chunk_size` tokens
+and `_MAX_PACKED` prompts a call), each attending to itself only. A longer prompt is cut into
+chunks by its own length alone (the largest of a few powers of two up to `chunk_size` that the
+rest of the prompt fills), one chunk a call, each attending to the slot's cache before it.
+The prefill programs compile once per row length (packed) or chunk size and window (two), the
 decode step once per window, all before the first request; per-request parameters are
 runtime values.
 """
@@ -58,10 +59,8 @@ __all__ = ['Engine', 'Output', 'QueueFullError', 'Request', 'SamplingParams',
 
 _MIN_CHUNK = 16
 _MIN_WINDOW = 64
-# Prompt tokens per batched prefill call: chunks of C tokens go P = _PREFILL_TOKENS // C at a
-# time (at most one per slot), so a call's activations stay small while its weights are read
-# once for many requests.
-_PREFILL_TOKENS = 256
+# Most prompts packed into one prefill call (a static size of the packed programs).
+_MAX_PACKED = 16
 # A prefill chunk attends to the first _PREFILL_WINDOW positions of its slot's cache when its
 # prompt fits there, to the whole cache otherwise.
 _PREFILL_WINDOW = 256
@@ -148,12 +147,12 @@ class Engine:
     self.max_queue = max_queue
     self._chunk_sizes = _chunk_sizes(chunk_size)
     self._windows = _window_sizes(self.max_len)
-    self._prefill_rows = {c: min(num_slots, max(1, _PREFILL_TOKENS // c))
-                          for c in self._chunk_sizes}
     self._prefill_windows = {c: _prefill_windows(c, self._windows) for c in self._chunk_sizes}
-    prefill_shapes = [(c, rows, window) for c in self._chunk_sizes
-                      for rows in sorted({1, self._prefill_rows[c]})
+    prefill_shapes = [(c, 1, window) for c in self._chunk_sizes
                       for window in self._prefill_windows[c]]
+    # A packed row has a batch of one, which data axes cannot split: there prompts go by rows.
+    self._max_packed = min(num_slots, _MAX_PACKED) if multiple == 1 else 0
+    packed_shapes = [(n, self._max_packed) for n in self._chunk_sizes] if self._max_packed else []
     self._num_tokens = np.int32(config.vocab_size if tokenizer is None else
                                 min(tokenizer.vocab_size, config.vocab_size))
     run_config = decode._run_config(config, self.layout, unroll_layers)
@@ -164,8 +163,8 @@ class Engine:
       self._params = decode._place_params(config, params, self.layout, run_config)
     self._state = self._initial_state(run_config, cache_dtype)
     shardings = jax.tree.map(lambda x: x.sharding, self._state)
-    self._prefills, self._steps = slots_lib.compiled_programs(
-        run_config, self.layout, shardings, prefill_shapes, self._windows)
+    self._prefills, self._packed, self._steps = slots_lib.compiled_programs(
+        run_config, self.layout, shardings, prefill_shapes, packed_shapes, self._windows)
     self._scorer = slots_lib.compiled_scorer(self._score_config, self.layout)
     self._last = np.zeros((num_slots,), np.int32)  # first tokens of fresh slots
     self._fresh = np.zeros((num_slots,), bool)
@@ -340,6 +339,9 @@ class Engine:
           self._params, self._state, np.full((rows,), self.num_slots, np.int32),
           np.zeros((rows, size), np.int32), np.zeros((rows,), np.int32),
           np.zeros((rows,), np.int32), knobs, self._num_tokens)
+    for size, pieces in self._packed:
+      self._state, _ = self._packed[size, pieces](self._params, self._state,
+                                                  *self._packed_args(size, []))
     previous = jnp.zeros((self.num_slots,), jnp.int32)
     for window in self._windows:
       self._state, drawn = self._steps[window](
@@ -399,10 +401,10 @@ class Engine:
     return next((c for c in reversed(self._chunk_sizes) if c <= rest), self._chunk_sizes[0])
 
   def _run_prefills(self, requests: list) -> None:
-    """Prefills the admitted requests together and hands each its first token.
+    """Prefills the admitted requests and hands each its first token.
 
-    Each call takes the next chunk of up to P requests whose next chunks have the same size
-    (the oldest request's size first); a request's chunks go in order, one per call.
+    Prompts that fit a packed call go in as few calls as they fill (in order of arrival);
+    longer ones go chunk by chunk, one per call.
     """
     pending = []
     for request in requests:
@@ -411,37 +413,71 @@ class Engine:
       else:
         self._set_knobs(request.slot, request.params)
         pending.append(request)
-    while pending:
-      size = self._next_chunk(pending[0])
-      group = [r for r in pending if self._next_chunk(r) == size][:self._prefill_rows[size]]
-      self._prefill_group(size, group)
-      pending = [r for r in pending if r.prefilled < r.prompt.size]
+    fits = self._chunk_sizes[-1] if self._max_packed else 0
+    packable = [r for r in pending if r.prompt.size <= fits]
+    while packable:
+      group, total = [], 0
+      for request in packable:
+        if len(group) < self._max_packed and total + request.prompt.size <= fits:
+          group.append(request)
+          total += request.prompt.size
+      self._prefill_packed(group)
+      packable = [r for r in packable if r not in group]
+    for request in pending:
+      while request.prompt.size > fits and request.prefilled < request.prompt.size:
+        self._prefill_chunk(request)
 
-  def _prefill_group(self, size: int, group: list) -> None:
-    """One prefill call: the next `size`-token chunk of each request in `group`."""
-    rows = 1 if len(group) == 1 else self._prefill_rows[size]
-    slots = np.full((rows,), self.num_slots, np.int32)  # unused rows: slot B writes nothing
-    tokens = np.zeros((rows, size), np.int32)
-    starts, lengths = np.zeros((rows,), np.int32), np.zeros((rows,), np.int32)
-    knobs = {name: np.zeros((rows,), dtype) for name, dtype in slots_lib.KNOBS}
-    for row, request in enumerate(group):
-      piece = request.prompt[request.prefilled:request.prefilled + size]
-      slots[row], starts[row], lengths[row] = request.slot, request.prefilled, request.prompt.size
-      tokens[row, :piece.size] = piece
+  def _packed_args(self, size: int, group: list) -> tuple:
+    """The arguments of a packed prefill call of `size` tokens after the state."""
+    pieces, free = self._max_packed, self.num_slots
+    tokens, token_slots = np.zeros((size,), np.int32), np.full((size,), free, np.int32)
+    positions, segments = np.zeros((size,), np.int32), np.full((size,), -1, np.int32)
+    piece_slots, piece_ends = np.full((pieces,), free, np.int32), np.zeros((pieces,), np.int32)
+    knobs = {name: np.zeros((pieces,), dtype) for name, dtype in slots_lib.KNOBS}
+    start = 0
+    for piece, request in enumerate(group):
+      end = start + request.prompt.size
+      tokens[start:end], token_slots[start:end] = request.prompt, request.slot
+      positions[start:end], segments[start:end] = np.arange(request.prompt.size), piece
+      piece_slots[piece], piece_ends[piece] = request.slot, end - 1
       for name in knobs:
-        knobs[name][row] = self._knobs[name][request.slot]
-    needed = int(np.minimum(starts + size, lengths).max())
-    window = next(w for w in self._prefill_windows[size] if w >= needed)
-    self._state, first = self._prefills[size, rows, window](
-        self._params, self._state, slots, tokens, starts, lengths, knobs, self._num_tokens)
+        knobs[name][piece] = self._knobs[name][request.slot]
+      start = end
+    return (tokens, token_slots, positions, segments, piece_slots, piece_ends, knobs,
+            self._num_tokens)
+
+  def _prefill_packed(self, group: list) -> None:
+    """One packed prefill call: the whole prompts of `group`."""
+    total = sum(r.prompt.size for r in group)
+    size = next(n for n in self._chunk_sizes if n >= total)
+    self._state, first = self._packed[size, self._max_packed](
+        self._params, self._state, *self._packed_args(size, group))
     for request in group:
-      request.prefilled += size
-    done = [(row, r) for row, r in enumerate(group) if r.prefilled >= r.prompt.size]
-    if not done:
-      return
+      request.prefilled = request.prompt.size
+    self._hand_out_first_tokens(list(enumerate(group)), first)
+
+  def _prefill_chunk(self, request: Request) -> None:
+    """One prefill call: the next chunk of `request`'s prompt."""
+    size = self._next_chunk(request)
+    piece = request.prompt[request.prefilled:request.prefilled + size]
+    tokens = np.zeros((1, size), np.int32)
+    tokens[0, :piece.size] = piece
+    knobs = {name: self._knobs[name][request.slot:request.slot + 1] for name, _ in slots_lib.KNOBS}
+    start = request.prefilled
+    window = next(w for w in self._prefill_windows[size] if w >= start)
+    self._state, first = self._prefills[size, 1, window](
+        self._params, self._state, np.array([request.slot], np.int32), tokens,
+        np.array([start], np.int32), np.array([request.prompt.size], np.int32),
+        {name: np.copy(values) for name, values in knobs.items()}, self._num_tokens)
+    request.prefilled += size
+    if request.prefilled >= request.prompt.size:
+      self._hand_out_first_tokens([(0, request)], first)
+
+  def _hand_out_first_tokens(self, rows: list, first) -> None:
+    """Delivers each (row, request)'s first token, drawn by a prefill call at `row`."""
     first = jax.device_get(first)
     now = time.monotonic()
-    for row, request in done:
+    for row, request in rows:
       token, logprob, top_ids, top_logprobs = (x[row] for x in first)
       slot = request.slot
       self._last[slot], self._positions[slot], self._counts[slot] = token, request.prompt.size, 1

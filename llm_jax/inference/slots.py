@@ -2,23 +2,27 @@
 
 The engine's device state is the cache {'k', 'v'} [L, B, S, K, H] (laid out by the logical
 rules 'cache_batch', 'cache_seq', 'cache_kv_heads', 'cache_head_dim', like `decode.generate`'s)
-and `seen` [B, V], the tokens of each slot's sequence (for the repetition penalty). Three
+and `seen` [B, V], the tokens of each slot's sequence (for the repetition penalty). Four
 programs work on it:
 
+* `prefill_packed` prefills whole prompts packed one after another into one row of N tokens
+  (each token sees its own prompt only), writes their keys/values into their slots' cache rows
+  and draws each prompt's first token: short prompts share a pass over the weights without
+  padding each to a chunk size.
 * `prefill_rows` writes chunks of C prompt tokens of P requests (P rows, each a slot and a
-  chunk) into their slots' cache rows at their positions, in one pass over the weights (a
-  long prompt is C tokens at a time, C a small static size), and draws each request's first
-  new token from the logits after its prompt. Layer by layer, it gathers the rows' first W
-  cache positions (W static), so each chunk attends through float32 scores [C, W] per head: a
-  prompt's scratch memory grows linearly with its length and never holds [T, T] scores. Only
-  the new keys/values are scattered back into the donated cache, in place. `prefill_chunk` is
-  its one-row form over the whole cache.
+  chunk) into their slots' cache rows at their positions, and draws each request's first new
+  token from the logits after its prompt. Layer by layer, it gathers the rows' first W cache
+  positions (W static, at least the chunk's start), which the chunk reads without writing, so
+  each chunk attends through float32 scores [C, W + C] per head: a long prompt's scratch
+  memory grows linearly with its length and never holds [T, T] scores. Only the new
+  keys/values are scattered into the donated cache, in place. `prefill_chunk` is its one-row
+  form over the whole cache.
 * `decode_slots` feeds every slot its newest token and draws the next one, each slot with its
   own temperature, top-k, top-p, repetition penalty and seed. It runs the model layer by layer
-  on a window of the cache (the first W positions, W static) and writes each new key/value
-  into the donated cache in place, so its cost follows W rather than S. A free slot's token
-  sits at position S, outside the cache, so its (discarded) key/value write is dropped and
-  never lands in a row that is being prefilled.
+  on a window of the cache (the first W positions, W static), read where it lies, and writes
+  each new key/value into the donated cache in place, so its cost follows W rather than S. A
+  free slot's token sits at position S, outside the cache, so its (discarded) key/value write
+  is dropped and never lands in a row that is being prefilled.
 * `score_tokens` returns the log-probability of every token of a sequence given the ones
   before it (OpenAI's `echo` with `logprobs`), through the model's memory-efficient attention
   kernel (`efficient_kernel`).
@@ -106,19 +110,31 @@ def select_rows(logits: jax.Array, seen: jax.Array, knobs: dict, counts: jax.Arr
     (tokens [B], their log-probabilities [B], top ids [B, TOP_LOGPROBS], top
     log-probabilities [B, TOP_LOGPROBS]).
   """
-  logprobs = jax.nn.log_softmax(logits, axis=-1)
+  # Log-probabilities as logits minus their log-sum-exp, taken only where needed: a whole
+  # [B, V] log-softmax would be one more pass over the logits.
+  log_total = jax.nn.logsumexp(logits, axis=-1)
+  top_logits, top_ids = jax.lax.top_k(logits, min(TOP_LOGPROBS, logits.shape[-1]))
+  raw = logits
   logits = sampling.limit_vocabulary(logits, num_tokens)
   logits = sampling.apply_repetition_penalty(logits, seen,
                                              knobs['repetition_penalty'][:, None])
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = _first_max(logits)
   # The sort behind top-k/top-p costs more than the model step of a small model: skip it
   # when every row decodes greedily.
   drawn = jax.lax.cond(jnp.any(knobs['temperature'] > 0),
                        lambda: _draw(logits, knobs, counts), lambda: greedy)
   tokens = jnp.where(knobs['temperature'] > 0, drawn, greedy)
-  token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-  top_logprobs, top_ids = jax.lax.top_k(logprobs, min(TOP_LOGPROBS, logits.shape[-1]))
-  return tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs
+  token_logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - log_total
+  return (tokens, token_logprobs, top_ids.astype(jnp.int32),
+          top_logits - log_total[:, None])
+
+
+def _first_max(logits: jax.Array) -> jax.Array:
+  """argmax over the last axis (the first of equal maxima), in two plain reductions: XLA's
+  CPU argmax, a reduction over (value, index) pairs, takes three times as long."""
+  ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  is_max = logits == jnp.max(logits, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(is_max, ids, logits.shape[-1] - 1), axis=-1)
 
 
 def _mark_seen(seen: jax.Array, slots, ids: jax.Array, valid: jax.Array) -> jax.Array:
@@ -130,31 +146,54 @@ def _mark_seen(seen: jax.Array, slots, ids: jax.Array, valid: jax.Array) -> jax.
   return seen.at[slots[:, None], ids].set(True, mode='drop')
 
 
-def _prefill_layers(config: model_lib.ModelConfig, params, cache: dict, slots, tokens,
-                    positions, written, window: int) -> tuple:
-  """The model on chunks tokens [P, C] of the slots [P], attending to their first `window`
-  cache positions; returns (final-norm activations [P, C, D], cache).
-
-  Each layer gathers the rows' first `window` keys/values (its work follows the window, not
-  S), runs on them, and scatters only the chunk's new keys/values back into the donated cache,
-  at positions where `written` [P, C] (never an unused row's or a padding token's).
-  """
+def _embed(config: model_lib.ModelConfig, params, tokens):
   dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-  x = Embedder(config.vocab_size, config.embed_dim, config.tie_embeddings, dtype,
-               param_dtype).apply({'params': params['embedder']}, tokens, method='encode')
-  rows = jnp.arange(tokens.shape[0])[:, None]
+  return Embedder(config.vocab_size, config.embed_dim, config.tie_embeddings, dtype,
+                  param_dtype).apply({'params': params['embedder']}, tokens, method='encode')
+
+
+def _final_norm(config: model_lib.ModelConfig, params, x):
+  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+  return RMSNorm(config.norm_eps, dtype, param_dtype).apply({'params': params['final_norm']}, x)
+
+
+def _layer(config: model_lib.ModelConfig, params, i: int, x, positions, segment_ids, prefix,
+           prefix_len):
+  """Layer i on new tokens that see a read-only cache prefix; returns (x, new keys/values)."""
+  return model_lib.DecoderLayer(config).apply(
+      {'params': _layer_params(config, params, i)}, x, positions, segment_ids, prefix,
+      prefix_len)
+
+
+def _after(x, targets, out_of_range: int):
+  """`targets` [R, T], made to depend on the layer output x [R, T, D] (a row whose output is
+  not a number writes nothing), so that a cache write at them follows the layer's reads of
+  the cache. Without that data dependency XLA may order the write first and, to keep the old
+  values for the reads, copy the whole cache every layer (an optimization barrier does not
+  survive to the pass that decides)."""
+  return jnp.where(x[..., 0] == x[..., 0], targets, out_of_range)
+
+
+def _prefill_layers(config: model_lib.ModelConfig, params, cache: dict, slots, tokens,
+                    positions, starts, written, window: int) -> tuple:
+  """The model on chunks tokens [P, C] of the slots [P], after the first starts [P] positions
+  of their cache; returns (final-norm activations [P, C, D], cache).
+
+  Each layer gathers the rows' first `window` (>= starts) cached keys/values, which the chunk
+  reads without writing, and scatters the chunk's new keys/values into the donated cache at
+  positions where `written` [P, C] (never an unused row's or a padding token's).
+  """
+  x = _embed(config, params, tokens)
   cache_len = cache['k'].shape[2]
   targets = jnp.where(written, positions, cache_len)  # out of range: dropped
-  read = jnp.minimum(positions, window - 1)
   for i in range(config.num_layers):
-    view = {name: c[i].at[slots, :window].get(mode='fill', fill_value=0)
-            for name, c in cache.items()}
-    x, view = model_lib.DecoderLayer(config).apply(
-        {'params': _layer_params(config, params, i)}, x, positions, None, view)
-    cache = {name: c.at[i, slots[:, None], targets].set(view[name][rows, read], mode='drop')
+    prefix = {name: c[i].at[slots, :window].get(mode='fill', fill_value=0)
+              for name, c in cache.items()}
+    x, new = _layer(config, params, i, x, positions, None, prefix, starts)
+    at = _after(x, targets, cache_len)
+    cache = {name: c.at[i, slots[:, None], at].set(new[name].astype(c.dtype), mode='drop')
              for name, c in cache.items()}
-  x = RMSNorm(config.norm_eps, dtype, param_dtype).apply({'params': params['final_norm']}, x)
-  return x, cache
+  return _final_norm(config, params, x), cache
 
 
 def prefill_rows(config: model_lib.ModelConfig, layout, params, state: dict, slots, tokens,
@@ -176,7 +215,7 @@ def prefill_rows(config: model_lib.ModelConfig, layout, params, state: dict, slo
     lengths: [P] each whole prompt's length.
     knobs: each row's request parameters, each [P] (see KNOBS).
     num_tokens: [] ids from this one on are never chosen.
-    window: static; every row's prompt positions in this chunk lie below it.
+    window: static; cache positions each row's chunk reads (at least max(starts)).
 
   Returns:
     (state, (token, logprob, top ids, top logprobs) of each row's first new token, each with
@@ -188,7 +227,7 @@ def prefill_rows(config: model_lib.ModelConfig, layout, params, state: dict, slo
   positions = starts[:, None] + jnp.arange(chunk)[None, :]
   in_prompt = (positions < lengths[:, None]) & used[:, None]
   hidden, cache = _prefill_layers(config, params, state['cache'], slots, tokens, positions,
-                                  in_prompt, window)
+                                  starts, in_prompt, window)
   last_index = jnp.clip(lengths - 1 - starts, 0, chunk - 1)
   last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)  # [P, 1, D]
   logits = decode._project(config, params, last)[:, 0]  # pylint: disable=protected-access
@@ -200,6 +239,51 @@ def prefill_rows(config: model_lib.ModelConfig, layout, params, state: dict, slo
   first = select_rows(logits, row_seen, knobs, jnp.zeros_like(starts), num_tokens)
   is_last = used & (starts + chunk >= lengths)
   seen = _mark_seen(seen, slots, first[0][:, None], is_last[:, None])
+  return {'cache': layout.constrain_cache(cache), 'seen': seen}, first
+
+
+def prefill_packed(config: model_lib.ModelConfig, layout, params, state: dict, tokens,
+                   token_slots, positions, segments, piece_slots, piece_ends, knobs: dict,
+                   num_tokens) -> tuple:
+  """Prefills whole prompts packed one after another into one row of N tokens; draws first
+  tokens.
+
+  Short prompts are most of what a server sees, and each call reads all the weights: packed,
+  several prompts share a call with no padding between them, where one row per prompt would
+  pad each to the call's chunk size. A token sees the earlier tokens of its own prompt only
+  (its segment), and nothing of the cache, which its prompt starts anew.
+
+  Args:
+    config, layout, params, state: as in `prefill_rows`.
+    tokens, token_slots, positions, segments: [N] each token, the slot its prompt goes to
+      (B for padding: nothing is written), its position in the prompt, and its prompt's index.
+    piece_slots: [P] each prompt's slot (B for unused pieces).
+    piece_ends: [P] index in the row of each prompt's last token.
+    knobs: each prompt's request parameters, each [P].
+    num_tokens: [] ids from this one on are never chosen.
+
+  Returns:
+    (state, (token, logprob, top ids, top logprobs) of each prompt's first new token, each
+    with a leading [P]).
+  """
+  cache = state['cache']
+  num_slots, cache_len = cache['k'].shape[1], cache['k'].shape[2]
+  x = _embed(config, params, tokens[None])
+  no_prefix = {name: jnp.zeros((1, 0) + c.shape[3:], c.dtype) for name, c in cache.items()}
+  targets = jnp.where(token_slots < num_slots, positions, cache_len)[None]
+  for i in range(config.num_layers):
+    x, new = _layer(config, params, i, x, positions[None], segments[None], no_prefix,
+                    jnp.zeros((1,), jnp.int32))
+    at = _after(x, targets, cache_len)[0]
+    cache = {name: c.at[i, token_slots, at].set(new[name][0].astype(c.dtype), mode='drop')
+             for name, c in cache.items()}
+  last = _final_norm(config, params, x)[0, piece_ends]  # [P, D]
+  logits = decode._project(config, params, last[:, None])[:, 0]  # pylint: disable=protected-access
+  seen = state['seen'].at[piece_slots].set(False, mode='drop')  # every prompt starts anew
+  seen = seen.at[token_slots, tokens].set(True, mode='drop')
+  first = select_rows(logits, seen.at[piece_slots].get(mode='fill', fill_value=False), knobs,
+                      jnp.zeros_like(piece_slots), num_tokens)
+  seen = _mark_seen(seen, piece_slots, first[0][:, None], (piece_slots < num_slots)[:, None])
   return {'cache': layout.constrain_cache(cache), 'seen': seen}, first
 
 
@@ -222,25 +306,21 @@ def _decode_layers(config: model_lib.ModelConfig, params, cache: dict, last, pos
                    window: int) -> tuple:
   """The model on one token per slot, attending to the first `window` cache positions only.
 
-  The model's own modules, called layer by layer on the cache in place: each layer gets the
-  slice [B, window, K, H] of its keys/values (the attention's work and the copies XLA makes of
-  its operands scale with the window, not with S), and the new key/value of each slot is
-  written straight into the donated [L, B, S, K, H] cache, which is never sliced or stacked
-  whole. Positions >= window (free slots, at S) write nothing.
+  Each layer reads the slice [B, window, K, H] of its keys/values without writing to it (the
+  attention's work and the copies XLA makes of its operands scale with the window, not with
+  S), and the new key/value of each slot is written straight into the donated
+  [L, B, S, K, H] cache, which is never sliced or stacked whole. Positions >= window (free
+  slots, at S) write nothing.
   """
-  dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
-  x = Embedder(config.vocab_size, config.embed_dim, config.tie_embeddings, dtype,
-               param_dtype).apply({'params': params['embedder']}, last[:, None],
-                                  method='encode')  # [B, 1, D]
-  rows = jnp.arange(last.shape[0])
-  read = jnp.minimum(positions, window - 1)
+  x = _embed(config, params, last[:, None])  # [B, 1, D]
+  rows, cache_len = jnp.arange(last.shape[0]), cache['k'].shape[2]
   for i in range(config.num_layers):
-    view = {name: c[i, :, :window] for name, c in cache.items()}
-    x, view = model_lib.DecoderLayer(config).apply(
-        {'params': _layer_params(config, params, i)}, x, positions[:, None], None, view)
-    cache = {name: c.at[i, rows, positions].set(view[name][rows, read], mode='drop')
+    prefix = {name: c[i, :, :window] for name, c in cache.items()}
+    x, new = _layer(config, params, i, x, positions[:, None], None, prefix, positions)
+    at = _after(x, positions[:, None], cache_len)[:, 0]
+    cache = {name: c.at[i, rows, at].set(new[name][:, 0].astype(c.dtype), mode='drop')
              for name, c in cache.items()}
-  x = RMSNorm(config.norm_eps, dtype, param_dtype).apply({'params': params['final_norm']}, x)
+  x = _final_norm(config, params, x)
   return decode._project(config, params, x)[:, 0], cache  # pylint: disable=protected-access
 
 
@@ -281,25 +361,28 @@ def score_tokens(config: model_lib.ModelConfig, params, tokens, num_tokens) -> t
 
 
 def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, prefill_shapes,
-                      windows):
-  """({(chunk, rows, window): prefill_rows}, {window: decode_slots}) jitted for one run config
-  and layout, state donated: one prefill program per shape in `prefill_shapes`, one decode
-  program per attention window.
+                      packed_shapes, windows):
+  """({(chunk, rows, window): prefill_rows}, {(tokens, prompts): prefill_packed},
+  {window: decode_slots}) jitted for one run config and layout, state donated: one program
+  per shape and per attention window.
 
   Not cached across engines: each engine compiles its own (the state shardings are dicts).
   """
   params = decode._param_shardings(config, layout)  # pylint: disable=protected-access
   replicated = layout.replicated
-  prefills = {(chunk, rows, window): jax.jit(
-      functools.partial(prefill_rows, config, layout, window=window),
-      in_shardings=(params, state_shardings) + (replicated,) * 6,
-      out_shardings=(state_shardings, replicated), donate_argnums=1)
+
+  def jit(function, num_args):
+    return jax.jit(function, in_shardings=(params, state_shardings) + (replicated,) * num_args,
+                   out_shardings=(state_shardings, replicated), donate_argnums=1)
+
+  prefills = {(chunk, rows, window): jit(
+      functools.partial(prefill_rows, config, layout, window=window), 6)
               for chunk, rows, window in prefill_shapes}
-  steps = {window: jax.jit(functools.partial(decode_slots, config, layout, window=window),
-                           in_shardings=(params, state_shardings) + (replicated,) * 8,
-                           out_shardings=(state_shardings, replicated), donate_argnums=1)
+  packed = {shape: jit(functools.partial(prefill_packed, config, layout), 8)
+            for shape in packed_shapes}
+  steps = {window: jit(functools.partial(decode_slots, config, layout, window=window), 8)
            for window in windows}
-  return prefills, steps
+  return prefills, packed, steps
 
 
 @functools.lru_cache(maxsize=16)

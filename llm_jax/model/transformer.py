@@ -21,7 +21,9 @@ class DecoderLayer(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache):
+  def __call__(self, x, positions, segment_ids, cache, prefix_len=None):
+    """One layer; `cache` and `prefix_len` as in `Attention`: with prefix_len the second
+    result is the new keys/values, not the updated cache."""
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_seq', 'act_embed'))
@@ -29,7 +31,7 @@ class DecoderLayer(nn.Module):
     attended, new_cache = Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
         cfg.attention_kernel, dtype, param_dtype, name='attention')(
-            normed, positions, segment_ids, cache)
+            normed, positions, segment_ids, cache, prefix_len)
     x = x + attended
     normed = RMSNorm(cfg.norm_eps, dtype, param_dtype, name='mlp_norm')(x)
     x = x + Mlp(cfg.mlp_dim, dtype, param_dtype, name='mlp')(normed)

@@ -44,27 +44,21 @@ class Attention(nn.Module):
                       self.param_dtype).astype(self.dtype)
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids=None, cache=None):
-    """x: [B, T, D]; positions, segment_ids: [B, T]; cache: {'k','v'} [B, S, K, H] or None."""
+  def __call__(self, x, positions, segment_ids=None, cache=None, prefix_len=None):
+    """x: [B, T, D]; positions, segment_ids: [B, T]; cache: {'k','v'} [B, S, K, H] or None.
+
+    Returns (output [B, T, D], the cache with the new keys/values written, or None). With
+    prefix_len [B] the cache is a read-only prefix instead, of which each row's first
+    prefix_len slots are seen (`attention_kernels.prefix_attention`), and the second result
+    is the new keys/values {'k', 'v'} [B, T, K, H] alone, for the caller to store: the serving
+    engine passes windows of its cache that way, and packed prompts an empty cache.
+    """
+    if prefix_len is not None:
+      return self._attend(x, positions, segment_ids, cache, prefix_len)
     if cache is not None and segment_ids is not None:
       raise ValueError('segment_ids cannot be combined with a KV cache: cached decoding handles '
                        'one sequence per row (pad on the right instead of packing)')
-    embed_dim = x.shape[-1]
-    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
-    wq = self._kernel('q_proj', (embed_dim, n, h), ('embed', 'heads', 'head_dim'), 0)
-    wk = self._kernel('k_proj', (embed_dim, k, h), ('embed', 'kv_heads', 'head_dim'), 0)
-    wv = self._kernel('v_proj', (embed_dim, k, h), ('embed', 'kv_heads', 'head_dim'), 0)
-    wo = self._kernel('o_proj', (n, h, embed_dim), ('heads', 'head_dim', 'embed'), (0, 1))
-
-    x = x.astype(self.dtype)
-    inv_freq = rope.inverse_frequencies(h, self.rope_theta, self.rope_scaling)
-    query = rope.apply_rope(project(x, wq), positions, inv_freq)  # [B, T, N, H]
-    key = rope.apply_rope(project(x, wk), positions, inv_freq)  # [B, T, K, H]
-    value = project(x, wv)
-    query = nn.with_logical_constraint(query, ('act_batch', 'act_seq', 'act_heads', None))
-    key = nn.with_logical_constraint(key, ('act_batch', 'act_seq', 'act_kv_heads', None))
-    value = nn.with_logical_constraint(value, ('act_batch', 'act_seq', 'act_kv_heads', None))
-
+    query, key, value = self._project_qkv(x, positions)
     if cache is None:
       index = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), positions.shape)
       out = attention_kernels.dot_product_attention(
@@ -79,6 +73,40 @@ class Attention(nn.Module):
       out = attention_kernels.xla_attention(query, cache_k.astype(self.dtype),
                                             cache_v.astype(self.dtype), positions, slots)
       new_cache = {'k': cache_k, 'v': cache_v}
+    return self._project_out(out, x.shape[-1]), new_cache
+
+  def _project_qkv(self, x, positions):
+    """Query [B, T, N, H] and key [B, T, K, H] with RoPE at `positions`, and value."""
+    embed_dim = x.shape[-1]
+    n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
+    wq = self._kernel('q_proj', (embed_dim, n, h), ('embed', 'heads', 'head_dim'), 0)
+    wk = self._kernel('k_proj', (embed_dim, k, h), ('embed', 'kv_heads', 'head_dim'), 0)
+    wv = self._kernel('v_proj', (embed_dim, k, h), ('embed', 'kv_heads', 'head_dim'), 0)
+    x = x.astype(self.dtype)
+    inv_freq = rope.inverse_frequencies(h, self.rope_theta, self.rope_scaling)
+    query = rope.apply_rope(project(x, wq), positions, inv_freq)
+    key = rope.apply_rope(project(x, wk), positions, inv_freq)
+    value = project(x, wv)
+    return (nn.with_logical_constraint(query, ('act_batch', 'act_seq', 'act_heads', None)),
+            nn.with_logical_constraint(key, ('act_batch', 'act_seq', 'act_kv_heads', None)),
+            nn.with_logical_constraint(value, ('act_batch', 'act_seq', 'act_kv_heads', None)))
+
+  def _project_out(self, out, embed_dim: int):
+    """Attention output [B, T, N, H] -> [B, T, D]."""
+    wo = self._kernel('o_proj', (self.num_heads, self.head_dim, embed_dim),
+                      ('heads', 'head_dim', 'embed'), (0, 1))
     out = checkpoint_name(out, 'attention_out')
     out = nn.with_logical_constraint(out, ('act_batch', 'act_seq', 'act_heads', None))
-    return project(out, wo, contracting=2), new_cache  # [B, T, D]
+    return project(out, wo, contracting=2)
+
+  def _attend(self, x, positions, segment_ids, prefix, prefix_len):
+    """The read-only-prefix form of __call__ (see there)."""
+    query, key, value = self._project_qkv(x, positions)
+    # Through the cache's dtype, so that the new tokens see themselves exactly as a later
+    # step will see them in the cache.
+    key = key.astype(prefix['k'].dtype).astype(self.dtype)
+    value = value.astype(prefix['v'].dtype).astype(self.dtype)
+    out = attention_kernels.prefix_attention(
+        query, key, value, positions, segment_ids, prefix['k'].astype(self.dtype),
+        prefix['v'].astype(self.dtype), prefix_len)
+    return self._project_out(out, x.shape[-1]), {'k': key, 'v': value}

@@ -53,6 +53,52 @@ def xla_attention(q, k, v, q_index, kv_index, q_segment_ids=None, kv_segment_ids
   return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def prefix_attention(q, k, v, positions, segment_ids, prefix_k, prefix_v, prefix_len):
+  """New tokens attending to a read-only cached prefix and to each other (serving engine).
+
+  Queries q [B, T, N, H] and the new keys/values k, v [B, T, K, H] are at `positions` [B, T].
+  prefix_k/prefix_v [B, W, K, H] hold earlier tokens of each row at slots < prefix_len [B]
+  (the rest is stale and never seen). A new token sees every prefix slot and every new token
+  of its segment (segment_ids [B, T] or None) at a position <= its own. The cache is only
+  read, so a caller may pass a window of a larger cache without copying it to write into.
+  The two parts share one float32 softmax: the same attention as writing the new keys at
+  their positions first and attending causally, as `xla_attention` does.
+  """
+  batch, q_len, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[2]
+  q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+  def scores(keys):
+    return jnp.einsum('BTKGH,BSKH->BKGTS', q, keys,
+                      preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+
+  if q_len == 1:
+    # One query per row (a decode step): products and sums that read the prefix where it
+    # lies. As a dot, XLA on CPU first copies the prefix into a transposed layout.
+    prefix_scores = jnp.sum(q[:, 0, None] * prefix_k[:, :, :, None, :], axis=-1,
+                            dtype=jnp.float32) * (head_dim ** -0.5)  # [B, W, K, G]
+    prefix_scores = jnp.transpose(prefix_scores, (0, 2, 3, 1))[:, :, :, None, :]
+  else:
+    prefix_scores = scores(prefix_k)
+  seen_prefix = jnp.arange(prefix_k.shape[1])[None, :] < prefix_len[:, None]  # [B, W]
+  prefix_logits = jnp.where(seen_prefix[:, None, None, None, :], prefix_scores, _MASK_VALUE)
+  mask = make_attention_mask(positions, positions, segment_ids, segment_ids)  # [B, T, T]
+  new_logits = jnp.where(mask[:, None, None, :, :], scores(k), _MASK_VALUE)
+  top = jnp.maximum(jnp.max(prefix_logits, axis=-1, keepdims=True, initial=_MASK_VALUE),
+                    jnp.max(new_logits, axis=-1, keepdims=True))
+  prefix_weights, new_weights = jnp.exp(prefix_logits - top), jnp.exp(new_logits - top)
+  total = (jnp.sum(prefix_weights, axis=-1, keepdims=True) +
+           jnp.sum(new_weights, axis=-1, keepdims=True))
+  prefix_probs = (prefix_weights / total).astype(v.dtype)
+  if q_len == 1:
+    weights = jnp.transpose(prefix_probs[:, :, :, 0, :], (0, 3, 1, 2))  # [B, W, K, G]
+    prefix_out = jnp.sum(weights[..., None] * prefix_v[:, :, :, None, :], axis=1)[:, None]
+  else:
+    prefix_out = jnp.einsum('BKGTS,BSKH->BTKGH', prefix_probs, prefix_v)
+  out = prefix_out + jnp.einsum('BKGTS,BSKH->BTKGH', (new_weights / total).astype(v.dtype), v)
+  return out.reshape(batch, q_len, num_heads, head_dim)
+
+
 def _head_specs(q, k):
   """(mesh, q spec, k/v spec) under the active mesh and logical-axis rules, or None."""
   mesh = jax.sharding.get_abstract_mesh()
