@@ -1,7 +1,9 @@
 """The continuous-batching engine against one-by-one `llm_jax.generate` and the plain model.
 
-A random tiny model; 8 slots serve 32 requests, so requests join and leave while others are
-decoding, and 16-token prefill chunks split the longer prompts.
+A random tiny model; 16 slots serve 32 requests, so requests join and leave while others are
+decoding, and the decode step runs over 8 slots when the live requests fit there, over 16
+otherwise. Prompts of at most 16 tokens are prefilled packed together; 16-token chunks split
+the longer ones.
 """
 
 import functools
@@ -32,7 +34,7 @@ def params():
 
 @pytest.fixture(scope='module')
 def engine(params):
-  engine = Engine(CONFIG, params, num_slots=8, chunk_size=16, max_queue=64).start()
+  engine = Engine(CONFIG, params, num_slots=16, chunk_size=16, max_queue=64).start()
   yield engine
   engine.shutdown()
 

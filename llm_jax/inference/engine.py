@@ -19,8 +19,10 @@ only moves the Output to its event loop).
 The host never waits for a step before launching the next one: a step's tokens stay on the
 device and feed the next step directly, and the host hands them out while that next step
 runs. The step attends only to the first W cache positions, W the smallest window (a power of
-two, at least 64, or max_len) that holds every active sequence, so its cost follows the
-longest live sequence rather than max_len.
+two, at least 64, or max_len) that holds every active sequence, and runs only the first R
+slots (R the whole count, or a half or quarter of it, at least 8) that hold every active one
+(a request takes the lowest free slot): its cost follows the longest live sequence rather
+than max_len, and the number of live requests rather than the slot count.
 
 Each slot samples with its own parameters and PRNG seed, and its tokens go only to the request
 that holds the slot: a request's tokens are read from its slot's row and its row is reset by
@@ -30,8 +32,8 @@ and `_MAX_PACKED` prompts a call), each attending to itself only. A longer promp
 chunks by its own length alone (the largest of a few powers of two up to `chunk_size` that the
 rest of the prompt fills), one chunk a call, each attending to the slot's cache before it.
 The prefill programs compile once per row length (packed) or chunk size and window (two), the
-decode step once per window, all before the first request; per-request parameters are
-runtime values.
+decode step once per window and slot count, all before the first request; per-request
+parameters are runtime values.
 """
 
 import collections
@@ -100,6 +102,15 @@ def _window_sizes(max_len: int) -> list:
   return sizes
 
 
+def _row_counts(num_slots: int, multiple: int) -> list:
+  """Slot counts of the decode programs: num_slots, and its halves down to 8 (or a quarter),
+  each a multiple of the mesh's data axes."""
+  counts = [num_slots]
+  while counts[-1] % 2 == 0 and counts[-1] // 2 >= max(8, num_slots // 4):
+    counts.append(counts[-1] // 2)
+  return sorted(c for c in counts if c % multiple == 0)
+
+
 def _chunk_sizes(chunk_size: int) -> list:
   sizes = [_MIN_CHUNK]
   while sizes[-1] < chunk_size:
@@ -163,8 +174,10 @@ class Engine:
       self._params = decode._place_params(config, params, self.layout, run_config)
     self._state = self._initial_state(run_config, cache_dtype)
     shardings = jax.tree.map(lambda x: x.sharding, self._state)
+    self._row_counts = _row_counts(num_slots, multiple)
+    decode_shapes = [(w, rows) for w in self._windows for rows in self._row_counts]
     self._prefills, self._packed, self._steps = slots_lib.compiled_programs(
-        run_config, self.layout, shardings, prefill_shapes, packed_shapes, self._windows)
+        run_config, self.layout, shardings, prefill_shapes, packed_shapes, decode_shapes)
     self._scorer = slots_lib.compiled_scorer(self._score_config, self.layout)
     self._last = np.zeros((num_slots,), np.int32)  # first tokens of fresh slots
     self._fresh = np.zeros((num_slots,), bool)
@@ -343,8 +356,8 @@ class Engine:
       self._state, _ = self._packed[size, pieces](self._params, self._state,
                                                   *self._packed_args(size, []))
     previous = jnp.zeros((self.num_slots,), jnp.int32)
-    for window in self._windows:
-      self._state, drawn = self._steps[window](
+    for step in self._steps.values():
+      self._state, drawn = step(
           self._params, self._state, previous, self._last, self._fresh, self._positions,
           np.zeros((self.num_slots,), bool), self._knobs, self._counts, self._num_tokens)
     self._previous = drawn[0]
@@ -499,11 +512,13 @@ class Engine:
       return None
     needed = int(self._positions[active].max()) + 1
     window = next(w for w in self._windows if w >= needed)
+    last_slot = int(np.flatnonzero(active)[-1])
+    rows = next(r for r in self._row_counts if r > last_slot)
     # Copies: on CPU a numpy argument may be used in place, and the host edits these arrays
     # while the step runs.
     host = [np.copy(x) for x in (self._last, self._fresh, self._positions)]
     knobs = {name: np.copy(values) for name, values in self._knobs.items()}
-    self._state, drawn = self._steps[window](
+    self._state, drawn = self._steps[window, rows](
         self._params, self._state, self._previous, *host, active, knobs,
         np.copy(self._counts), self._num_tokens)
     self._previous = drawn[0]

@@ -304,7 +304,8 @@ def _layer_params(config: model_lib.ModelConfig, params, i: int):
 
 def _decode_layers(config: model_lib.ModelConfig, params, cache: dict, last, positions,
                    window: int) -> tuple:
-  """The model on one token per slot, attending to the first `window` cache positions only.
+  """The model on one token for each of the first R slots (last, positions: [R]), attending
+  to the first `window` cache positions only.
 
   Each layer reads the slice [B, window, K, H] of its keys/values without writing to it (the
   attention's work and the copies XLA makes of its operands scale with the window, not with
@@ -315,7 +316,7 @@ def _decode_layers(config: model_lib.ModelConfig, params, cache: dict, last, pos
   x = _embed(config, params, last[:, None])  # [B, 1, D]
   rows, cache_len = jnp.arange(last.shape[0]), cache['k'].shape[2]
   for i in range(config.num_layers):
-    prefix = {name: c[i, :, :window] for name, c in cache.items()}
+    prefix = {name: c[i, :last.shape[0], :window] for name, c in cache.items()}
     x, new = _layer(config, params, i, x, positions[:, None], None, prefix, positions)
     at = _after(x, positions[:, None], cache_len)[:, 0]
     cache = {name: c.at[i, rows, at].set(new[name][:, 0].astype(c.dtype), mode='drop')
@@ -326,23 +327,27 @@ def _decode_layers(config: model_lib.ModelConfig, params, cache: dict, last, pos
 
 def decode_slots(config: model_lib.ModelConfig, layout, params, state: dict, previous, last,
                  fresh, positions, active, knobs: dict, counts, num_tokens, *,
-                 window: int) -> tuple:
-  """One step of every slot: feeds each slot its newest token; draws the next tokens.
+                 window: int, rows: int) -> tuple:
+  """One step of the first `rows` slots (static; the others are free): feeds each its newest
+  token and draws the next one. The engine fills the lowest free slots first, so a few
+  requests cost a step over a few rows, not over all B.
 
   A slot's newest token is `previous` [B] (the tokens the previous step drew, still on the
   device: the host need not have read them) or, where `fresh` [B], `last` [B] (the first token
   of a request just prefilled). Tokens are fed at positions [B], all below `window` (static:
   one program per window size). Free slots (active False) are fed at position S, beyond the
   cache, so nothing is written.
-  Returns (state, (tokens [B], logprobs [B], top ids [B, 5], top logprobs [B, 5])).
+  Returns (state, (tokens [B], logprobs [B], top ids [B, 5], top logprobs [B, 5])), zeros
+  from slot `rows` on.
   """
-  cache_len = state['cache']['k'].shape[2]
-  positions = jnp.where(active, positions, cache_len)
-  last = jnp.where(fresh, last, previous)
+  num_slots, cache_len = last.shape[0], state['cache']['k'].shape[2]
+  positions = jnp.where(active, positions, cache_len)[:rows]
+  last = jnp.where(fresh, last, previous)[:rows]
   logits, cache = _decode_layers(config, params, state['cache'], last, positions, window)
-  drawn = select_rows(logits, state['seen'], knobs, counts, num_tokens)
-  rows = jnp.arange(last.shape[0])
-  seen = state['seen'].at[rows, drawn[0]].max(active)
+  drawn = select_rows(logits, state['seen'][:rows], {n: v[:rows] for n, v in knobs.items()},
+                      counts[:rows], num_tokens)
+  seen = state['seen'].at[jnp.arange(rows), drawn[0]].max(active[:rows])
+  drawn = tuple(jnp.pad(x, [(0, num_slots - rows)] + [(0, 0)] * (x.ndim - 1)) for x in drawn)
   return {'cache': layout.constrain_cache(cache), 'seen': seen}, drawn
 
 
@@ -361,10 +366,10 @@ def score_tokens(config: model_lib.ModelConfig, params, tokens, num_tokens) -> t
 
 
 def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, prefill_shapes,
-                      packed_shapes, windows):
+                      packed_shapes, decode_shapes):
   """({(chunk, rows, window): prefill_rows}, {(tokens, prompts): prefill_packed},
-  {window: decode_slots}) jitted for one run config and layout, state donated: one program
-  per shape and per attention window.
+  {(window, rows): decode_slots}) jitted for one run config and layout, state donated: one
+  program per shape.
 
   Not cached across engines: each engine compiles its own (the state shardings are dicts).
   """
@@ -380,8 +385,9 @@ def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, pr
               for chunk, rows, window in prefill_shapes}
   packed = {shape: jit(functools.partial(prefill_packed, config, layout), 8)
             for shape in packed_shapes}
-  steps = {window: jit(functools.partial(decode_slots, config, layout, window=window), 8)
-           for window in windows}
+  steps = {(window, rows): jit(functools.partial(decode_slots, config, layout, window=window,
+                                                 rows=rows), 8)
+           for window, rows in decode_shapes}
   return prefills, packed, steps
 
 
