@@ -182,3 +182,17 @@ def test_aot_reports_the_prefill_step_for_a_tpu_topology():
                                   steps=('prefill',), prefill_chunk=128)
   assert report.name.startswith('prefill+insert step (128 tokens into 1 of 4 slots')
   assert report.fits and report.temporaries > 0 and report.flops > 0
+
+
+def test_bfloat16_cache_matches_generate_with_a_bfloat16_cache(params):
+  """The engine's bfloat16 cache writes (through 16-bit patterns on CPU) hold what
+  `generate`'s bfloat16 cache holds: the same greedy tokens."""
+  prompts, news = _mixed_requests(6, seed=3)
+  engine = Engine(CONFIG, params, num_slots=8, chunk_size=16, cache_dtype='bfloat16').start()
+  try:
+    got = engine.generate(prompts, [SamplingParams(max_tokens=m) for m in news])
+  finally:
+    engine.shutdown()
+  expected = [llm_jax.generate(CONFIG, params, [p], max_new_tokens=m, cache_dtype='bfloat16')[0]
+              for p, m in zip(prompts, news)]
+  assert got == expected

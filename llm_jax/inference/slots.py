@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from llm_jax import model as model_lib
 from llm_jax.inference import decode
 from llm_jax.inference import sampling
+from llm_jax.model.layers import attention
 from llm_jax.model.layers.embed import Embedder
 from llm_jax.model.layers.norms import RMSNorm
 
@@ -191,7 +192,7 @@ def _prefill_layers(config: model_lib.ModelConfig, params, cache: dict, slots, t
               for name, c in cache.items()}
     x, new = _layer(config, params, i, x, positions, None, prefix, starts)
     at = _after(x, targets, cache_len)
-    cache = {name: c.at[i, slots[:, None], at].set(new[name].astype(c.dtype), mode='drop')
+    cache = {name: attention.store(c, (i, slots[:, None], at), new[name])
              for name, c in cache.items()}
   return _final_norm(config, params, x), cache
 
@@ -275,7 +276,7 @@ def prefill_packed(config: model_lib.ModelConfig, layout, params, state: dict, t
     x, new = _layer(config, params, i, x, positions[None], segments[None], no_prefix,
                     jnp.zeros((1,), jnp.int32))
     at = _after(x, targets, cache_len)[0]
-    cache = {name: c.at[i, token_slots, at].set(new[name][0].astype(c.dtype), mode='drop')
+    cache = {name: attention.store(c, (i, token_slots, at), new[name][0])
              for name, c in cache.items()}
   last = _final_norm(config, params, x)[0, piece_ends]  # [P, D]
   logits = decode._project(config, params, last[:, None])[:, 0]  # pylint: disable=protected-access
@@ -319,7 +320,7 @@ def _decode_layers(config: model_lib.ModelConfig, params, cache: dict, last, pos
     prefix = {name: c[i, :last.shape[0], :window] for name, c in cache.items()}
     x, new = _layer(config, params, i, x, positions[:, None], None, prefix, positions)
     at = _after(x, positions[:, None], cache_len)[:, 0]
-    cache = {name: c.at[i, rows, at].set(new[name][:, 0].astype(c.dtype), mode='drop')
+    cache = {name: attention.store(c, (i, rows, at), new[name][:, 0])
              for name, c in cache.items()}
   x = _final_norm(config, params, x)
   return decode._project(config, params, x)[:, 0], cache  # pylint: disable=protected-access

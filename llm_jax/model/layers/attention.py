@@ -8,6 +8,7 @@ position p attends to slots <= p; slots beyond p (stale padding) are never visib
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
@@ -16,12 +17,26 @@ from llm_jax.model.layers import rope
 from llm_jax.model.layers.projection import project
 
 
+def store(cache, index: tuple, update):
+  """cache.at[index].set(update) in the cache's dtype, out-of-range indices dropped.
+
+  A bfloat16 cache is written through its 16-bit patterns: XLA's CPU backend has no bfloat16
+  scatter, and would convert the whole cache to float32 and back at every write.
+  """
+  update = update.astype(cache.dtype)
+  if cache.dtype != jnp.bfloat16:
+    return cache.at[index].set(update, mode='drop')
+  bits = jax.lax.bitcast_convert_type(cache, jnp.uint16).at[index].set(
+      jax.lax.bitcast_convert_type(update, jnp.uint16), mode='drop')
+  return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+
 def write_to_cache(cache, update, positions):
   """Writes update [B, T, K, H] into cache [B, S, K, H] at slots positions [B, T]."""
   # One scatter indexed by (row, slot) keeps the cache's layout (a vmapped per-row scatter
   # makes XLA transpose the whole cache); out-of-range slots are dropped, never wrapped.
   rows = jnp.arange(cache.shape[0])[:, None]
-  return cache.at[rows, positions].set(update.astype(cache.dtype), mode='drop')
+  return store(cache, (rows, positions), update)
 
 
 class Attention(nn.Module):
