@@ -159,11 +159,10 @@ class Engine:
     self._chunk_sizes = _chunk_sizes(chunk_size)
     self._windows = _window_sizes(self.max_len)
     self._prefill_windows = {c: _prefill_windows(c, self._windows) for c in self._chunk_sizes}
-    prefill_shapes = [(c, 1, window) for c in self._chunk_sizes
+    prefill_shapes = [(c, window) for c in self._chunk_sizes
                       for window in self._prefill_windows[c]]
     # A packed row has a batch of one, which data axes cannot split: there prompts go by rows.
     self._max_packed = min(num_slots, _MAX_PACKED) if multiple == 1 else 0
-    packed_shapes = [(n, self._max_packed) for n in self._chunk_sizes] if self._max_packed else []
     self._num_tokens = np.int32(config.vocab_size if tokenizer is None else
                                 min(tokenizer.vocab_size, config.vocab_size))
     run_config = decode._run_config(config, self.layout, unroll_layers)
@@ -177,7 +176,7 @@ class Engine:
     self._row_counts = _row_counts(num_slots, multiple)
     decode_shapes = [(w, rows) for w in self._windows for rows in self._row_counts]
     self._prefills, self._packed, self._steps = slots_lib.compiled_programs(
-        run_config, self.layout, shardings, prefill_shapes, packed_shapes, decode_shapes)
+        run_config, self.layout, shardings, prefill_shapes, decode_shapes)
     self._scorer = slots_lib.compiled_scorer(self._score_config, self.layout)
     self._last = np.zeros((num_slots,), np.int32)  # first tokens of fresh slots
     self._fresh = np.zeros((num_slots,), bool)
@@ -346,15 +345,14 @@ class Engine:
     Runs every prefill program with unused rows only (they write nothing) and steps with
     every slot free.
     """
-    for (size, rows, _), prefill in self._prefills.items():
-      knobs = {name: values[:rows] for name, values in self._knobs.items()}
+    for (size, _), prefill in self._prefills.items():
+      knobs = {name: values[:1] for name, values in self._knobs.items()}
       self._state, _ = prefill(
-          self._params, self._state, np.full((rows,), self.num_slots, np.int32),
-          np.zeros((rows, size), np.int32), np.zeros((rows,), np.int32),
-          np.zeros((rows,), np.int32), knobs, self._num_tokens)
-    for size, pieces in self._packed:
-      self._state, _ = self._packed[size, pieces](self._params, self._state,
-                                                  *self._packed_args(size, []))
+          self._params, self._state, np.full((1,), self.num_slots, np.int32),
+          np.zeros((1, size), np.int32), np.zeros((1,), np.int32),
+          np.zeros((1,), np.int32), knobs, self._num_tokens)
+    for size in self._chunk_sizes if self._max_packed else ():
+      self._state, _ = self._packed(self._params, self._state, *self._packed_args(size, []))
     previous = jnp.zeros((self.num_slots,), jnp.int32)
     for step in self._steps.values():
       self._state, drawn = step(
@@ -463,8 +461,8 @@ class Engine:
     """One packed prefill call: the whole prompts of `group`."""
     total = sum(r.prompt.size for r in group)
     size = next(n for n in self._chunk_sizes if n >= total)
-    self._state, first = self._packed[size, self._max_packed](
-        self._params, self._state, *self._packed_args(size, group))
+    self._state, first = self._packed(self._params, self._state,
+                                      *self._packed_args(size, group))
     for request in group:
       request.prefilled = request.prompt.size
     self._hand_out_first_tokens(list(enumerate(group)), first)
@@ -475,13 +473,13 @@ class Engine:
     piece = request.prompt[request.prefilled:request.prefilled + size]
     tokens = np.zeros((1, size), np.int32)
     tokens[0, :piece.size] = piece
-    knobs = {name: self._knobs[name][request.slot:request.slot + 1] for name, _ in slots_lib.KNOBS}
-    start = request.prefilled
+    slot, start = request.slot, request.prefilled
+    knobs = {name: values[slot:slot + 1].copy() for name, values in self._knobs.items()}
     window = next(w for w in self._prefill_windows[size] if w >= start)
-    self._state, first = self._prefills[size, 1, window](
-        self._params, self._state, np.array([request.slot], np.int32), tokens,
-        np.array([start], np.int32), np.array([request.prompt.size], np.int32),
-        {name: np.copy(values) for name, values in knobs.items()}, self._num_tokens)
+    self._state, first = self._prefills[size, window](
+        self._params, self._state, np.array([slot], np.int32), tokens,
+        np.array([start], np.int32), np.array([request.prompt.size], np.int32), knobs,
+        self._num_tokens)
     request.prefilled += size
     if request.prefilled >= request.prompt.size:
       self._hand_out_first_tokens([(0, request)], first)

@@ -367,10 +367,10 @@ def score_tokens(config: model_lib.ModelConfig, params, tokens, num_tokens) -> t
 
 
 def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, prefill_shapes,
-                      packed_shapes, decode_shapes):
-  """({(chunk, rows, window): prefill_rows}, {(tokens, prompts): prefill_packed},
-  {(window, rows): decode_slots}) jitted for one run config and layout, state donated: one
-  program per shape.
+                      decode_shapes):
+  """({(chunk, window): one-row prefill_rows}, prefill_packed, {(window, rows):
+  decode_slots}) jitted for one run config and layout, state donated: one program per static
+  window and slot count (prefill_packed compiles once per row length it is called with).
 
   Not cached across engines: each engine compiles its own (the state shardings are dicts).
   """
@@ -381,11 +381,10 @@ def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, pr
     return jax.jit(function, in_shardings=(params, state_shardings) + (replicated,) * num_args,
                    out_shardings=(state_shardings, replicated), donate_argnums=1)
 
-  prefills = {(chunk, rows, window): jit(
+  prefills = {(chunk, window): jit(
       functools.partial(prefill_rows, config, layout, window=window), 6)
-              for chunk, rows, window in prefill_shapes}
-  packed = {shape: jit(functools.partial(prefill_packed, config, layout), 8)
-            for shape in packed_shapes}
+              for chunk, window in prefill_shapes}
+  packed = jit(functools.partial(prefill_packed, config, layout), 8)
   steps = {(window, rows): jit(functools.partial(decode_slots, config, layout, window=window,
                                                  rows=rows), 8)
            for window, rows in decode_shapes}
