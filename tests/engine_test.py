@@ -17,6 +17,7 @@ import pytest
 import llm_jax
 from llm_jax import sharding
 from llm_jax.inference import decode
+from llm_jax.inference import engine as engine_lib
 from llm_jax.inference import slots
 from llm_jax.inference.engine import Engine, SamplingParams
 
@@ -196,3 +197,29 @@ def test_bfloat16_cache_matches_generate_with_a_bfloat16_cache(params):
   expected = [llm_jax.generate(CONFIG, params, [p], max_new_tokens=m, cache_dtype='bfloat16')[0]
               for p, m in zip(prompts, news)]
   assert got == expected
+
+
+def test_several_prompts_packed_in_a_row_and_a_host_that_waits_match_generate(params):
+  """64-token packed rows hold several whole prompts (each attending to itself only, through
+  the blockwise kernel on CPU), and the host waits for each step before handing out its
+  tokens (overlap_host=False): the same greedy tokens as one-by-one `generate`."""
+  prompts, news = _mixed_requests(10, seed=4)
+  engine = Engine(CONFIG, params, num_slots=8, chunk_size=64, overlap_host=False).start()
+  try:
+    got = engine.generate(prompts, [SamplingParams(max_tokens=m) for m in news])
+  finally:
+    engine.shutdown()
+  expected = [llm_jax.generate(CONFIG, params, [p], max_new_tokens=m)[0]
+              for p, m in zip(prompts, news)]
+  assert got == expected
+
+
+def test_static_sizes_are_powers_of_two_then_halfway_sizes():
+  assert engine_lib._size_ladder(64, 1024, fine_from=128) == [  # pylint: disable=protected-access
+      64, 128, 192, 256, 384, 512, 768, 1024]
+  assert engine_lib._size_ladder(16, 256, fine_from=64) == [  # pylint: disable=protected-access
+      16, 32, 64, 96, 128, 192, 256]
+  # The top is always the limit itself, also when it is not on the ladder.
+  assert engine_lib._size_ladder(64, 300, fine_from=128) == [  # pylint: disable=protected-access
+      64, 128, 192, 256, 300]
+  assert engine_lib._size_ladder(64, 40, fine_from=128) == [40]  # pylint: disable=protected-access

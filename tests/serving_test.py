@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import httpx
 import numpy as np
@@ -26,7 +27,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 import llm_jax
 from llm_jax.data import tokenizer as tokenizer_lib
-from llm_jax.inference.engine import Engine
+from llm_jax.inference.engine import Engine, Output, SamplingParams
+from llm_jax.serving import app as app_lib
+from llm_jax.serving.protocol import ApiError
 from llm_jax.serving.app import create_app
 
 CORPUS = ['the quick brown fox jumps over the lazy dog.', 'hello there, how are you today?',
@@ -201,16 +204,6 @@ def _metric(server, name: str) -> float:
   return sum(values)
 
 
-async def _first_chunk(client, server):
-  """Opens a long stream and returns (its response, async line iterator) after one chunk."""
-  request = client.build_request('POST', server + '/v1/completions', json={
-      'model': MODEL, 'prompt': 'the dog', 'max_tokens': 1000, 'temperature': 1.0,
-      'stream': True})
-  response = await client.send(request, stream=True)
-  lines = response.aiter_lines()
-  return response, lines
-
-
 def test_full_queue_answers_429_and_disconnects_free_slots(server):
   cancelled = _metric(server, 'llm_jax_requests_total{finish_reason="cancelled"}')
 
@@ -219,8 +212,9 @@ def test_full_queue_answers_429_and_disconnects_free_slots(server):
       streams = await asyncio.gather(*(
           client.send(client.build_request('POST', server + '/v1/completions', json={
               'model': MODEL, 'prompt': 'the dog', 'max_tokens': 1000, 'temperature': 1.0,
-              'stream': True}), stream=True) for _ in range(SLOTS)))
-      # The four slots are busy; two more requests wait in the queue, the next gets 429.
+              'ignore_eos': True, 'stream': True}), stream=True) for _ in range(SLOTS)))
+      # The four slots are busy (a sampled end-of-text token cannot end them early); two more
+      # requests wait in the queue, the next gets 429.
       waiting = [asyncio.ensure_future(client.post(server + '/v1/completions', json={
           'model': MODEL, 'prompt': 'hi', 'max_tokens': 1})) for _ in range(MAX_QUEUE)]
       while (await client.get(server + '/health')).json()['waiting'] < MAX_QUEUE:
@@ -247,8 +241,8 @@ def test_sigterm_finishes_in_flight_requests_then_exits(hf_dir):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   process = subprocess.Popen(
       [sys.executable, '-m', 'llm_jax.serve', f'--hf_dir={hf_dir}', f'--port={port}',
-       '--slots=2', '--chunk_size=16', '--model_name=tiny'], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT)
+       '--slots=2', '--chunk_size=16', '--max_len=320', '--model_name=tiny'], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   url = f'http://127.0.0.1:{port}'
   try:
     for _ in range(600):
@@ -277,3 +271,49 @@ def test_sigterm_finishes_in_flight_requests_then_exits(hf_dir):
     if process.poll() is None:
       process.kill()
     process.wait()
+
+
+def test_outputs_queued_while_the_stream_was_busy_go_out_merged_in_order():
+  """A stream that falls behind the engine sends what has piled up as one chunk: tokens,
+  log-probabilities and text in their order, ending with the last Output's finish reason."""
+
+  class Recorder:
+    """Stands in for the engine and the metrics: the test feeds the Outputs itself."""
+
+    def submit(self, prompt, params, on_output):
+      del prompt, params, on_output
+
+    def cancel(self, request):
+      del request
+
+    def record(self, *args):
+      del args
+
+  recorder = Recorder()
+  server = types.SimpleNamespace(engine=recorder, metrics=recorder)
+  # pylint: disable=protected-access
+
+  async def stream(last: Output):
+    generation = app_lib._Generation(server, [5, 6], SamplingParams())
+    for i in range(3):
+      generation._queue.put_nowait(Output([i], [-i / 10], [[(i, -i / 10)]], f'<{i}>'))
+    generation._queue.put_nowait(last)
+    chunks = []
+    try:
+      async for output in generation.outputs():
+        chunks.append(output)
+    except ApiError as e:
+      chunks.append(e)
+    return chunks, generation.num_new
+
+  chunks, num_new = asyncio.run(stream(Output([7], [-0.7], [[(7, -0.7)]], '!', 'length')))
+  assert len(chunks) == 1 and num_new == 4
+  assert chunks[0].token_ids == [0, 1, 2, 7]
+  assert chunks[0].logprobs == [0.0, -0.1, -0.2, -0.7]
+  assert chunks[0].top_logprobs == [[(0, 0.0)], [(1, -0.1)], [(2, -0.2)], [(7, -0.7)]]
+  assert (chunks[0].text, chunks[0].finish_reason) == ('<0><1><2>!', 'length')
+  # An engine error is never merged away: the tokens before it still go out, then the error.
+  chunks, num_new = asyncio.run(stream(Output([], [], [], '', 'error', 'device lost')))
+  assert chunks[0].token_ids == [0, 1, 2] and chunks[0].finish_reason is None
+  assert isinstance(chunks[1], ApiError) and 'device lost' in str(chunks[1])
+  assert len(chunks) == 2 and num_new == 3

@@ -18,19 +18,21 @@ only moves the Output to its event loop).
 
 The host never waits for a step before launching the next one: a step's tokens stay on the
 device and feed the next step directly, and the host hands them out while that next step
-runs. The step attends only to the first W cache positions, W the smallest window (a power of
-two, at least 64, or max_len) that holds every active sequence, and runs only the first R
-slots (R the whole count, or a half or quarter of it, at least 8) that hold every active one
-(a request takes the lowest free slot): its cost follows the longest live sequence rather
-than max_len, and the number of live requests rather than the slot count.
+runs (unless `overlap_host=False`). The step attends only to the first W cache positions, W
+the smallest window (64, 128, 192, 256, 384, ... or max_len) that holds every active
+sequence, and runs only the first R slots (R the whole count, or a half or quarter of it, at
+least 8) that hold every active one (a request takes the lowest free slot): its cost follows
+the longest live sequence rather than max_len, and the number of live requests rather than
+the slot count.
 
 Each slot samples with its own parameters and PRNG seed, and its tokens go only to the request
 that holds the slot: a request's tokens are read from its slot's row and its row is reset by
 the first chunk of the next request's prefill. Prompts of at most `chunk_size` tokens are
 packed, whole, one after another into one row of a prefill call (up to `chunk_size` tokens
-and `_MAX_PACKED` prompts a call), each attending to itself only. A longer prompt is cut into
-chunks by its own length alone (the largest of a few powers of two up to `chunk_size` that the
-rest of the prompt fills), one chunk a call, each attending to the slot's cache before it.
+and `_MAX_PACKED` prompts a call, the row padded to 16, 32, 64, 96, 128, 192, ... tokens),
+each attending to itself only. A longer prompt is cut into chunks by its own length alone
+(the largest of a few powers of two up to `chunk_size` that the rest of the prompt fills),
+one chunk a call, each attending to the slot's cache before it.
 The prefill programs compile once per row length (packed) or chunk size and window (two), the
 decode step once per window and slot count, all before the first request; per-request
 parameters are runtime values.
@@ -94,11 +96,17 @@ class _Step:
   requests: list  # the request in each slot at launch (None: free)
 
 
-def _window_sizes(max_len: int) -> list:
-  """Attention windows of the decode step: powers of two from _MIN_WINDOW, then max_len."""
-  sizes = [min(_MIN_WINDOW, max_len)]
-  while sizes[-1] < max_len:
-    sizes.append(min(sizes[-1] * 2, max_len))
+def _size_ladder(low: int, high: int, fine_from: int) -> list:
+  """Static sizes from `low` to `high` (included): powers of two, and from `fine_from` on
+  also the sizes halfway between them (with 64: 64, 96, 128, 192, 256, 384, ...). A call pads
+  its work up to the next size: fewer sizes mean fewer programs to compile, finer ones less
+  padding where the work is large enough for it to matter."""
+  sizes = [min(low, high)]
+  while sizes[-1] < high:
+    size = sizes[-1]
+    power = 1 << (size.bit_length() - 1)
+    step = power // 2 if size >= fine_from else size
+    sizes.append(min(size + step, high))
   return sizes
 
 
@@ -137,13 +145,16 @@ class Engine:
     chunk_size: prompt tokens per prefill call.
     tokenizer: turns tokens into text (and enables stop strings); ids it cannot decode are
       never generated.
+    overlap_host: whether the host hands out a step's tokens while the next step runs (the
+      default) or waits for each step first (on a CPU, whose cores the host's work shares
+      with the step, that can be faster for a model whose step is long).
     mesh, rules, cache_dtype, unroll_layers: as in `decode.generate`.
   """
 
   def __init__(self, config: model_lib.ModelConfig, params, *, num_slots: int = 8,
                max_len: Optional[int] = None, max_queue: int = 64, chunk_size: int = 256,
                tokenizer=None, mesh=None, rules=None, cache_dtype=None,
-               unroll_layers: Optional[bool] = None):
+               unroll_layers: Optional[bool] = None, overlap_host: bool = True):
     self.layout = decode._make_layout(mesh, rules)
     multiple = self.layout.batch_multiple()
     if num_slots < 1 or num_slots % multiple:
@@ -157,7 +168,8 @@ class Engine:
     self.config, self.tokenizer, self.num_slots = config, tokenizer, num_slots
     self.max_queue = max_queue
     self._chunk_sizes = _chunk_sizes(chunk_size)
-    self._windows = _window_sizes(self.max_len)
+    self._packed_sizes = _size_ladder(_MIN_CHUNK, chunk_size, fine_from=64)
+    self._windows = _size_ladder(_MIN_WINDOW, self.max_len, fine_from=128)  # decode windows
     self._prefill_windows = {c: _prefill_windows(c, self._windows) for c in self._chunk_sizes}
     prefill_shapes = [(c, window) for c in self._chunk_sizes
                       for window in self._prefill_windows[c]]
@@ -185,6 +197,7 @@ class Engine:
     self._knobs = {name: np.zeros((num_slots,), dtype) for name, dtype in slots_lib.KNOBS}
     self._slots: list = [None] * num_slots
     self._in_flight: Optional[_Step] = None
+    self._overlap_host = overlap_host
     self._previous = None  # [B] tokens drawn by the latest step, on the device
     self._waiting: collections.deque = collections.deque()
     self._score_jobs: collections.deque = collections.deque()
@@ -351,7 +364,7 @@ class Engine:
           self._params, self._state, np.full((1,), self.num_slots, np.int32),
           np.zeros((1, size), np.int32), np.zeros((1,), np.int32),
           np.zeros((1,), np.int32), knobs, self._num_tokens)
-    for size in self._chunk_sizes if self._max_packed else ():
+    for size in self._packed_sizes if self._max_packed else ():
       self._state, _ = self._packed(self._params, self._state, *self._packed_args(size, []))
     previous = jnp.zeros((self.num_slots,), jnp.int32)
     for step in self._steps.values():
@@ -375,10 +388,13 @@ class Engine:
             elif request is not None and request.num_new == 0:
               admitted.append(request)
           self._run_prefills(admitted)
-          # The next step runs while the host hands out the previous step's tokens.
           launched = self._launch_step()
-          self._deliver_step(self._in_flight)
-          self._in_flight = launched
+          if self._overlap_host:
+            # The next step runs while the host hands out the previous step's tokens.
+            self._deliver_step(self._in_flight)
+            self._in_flight = launched
+          else:
+            self._deliver_step(launched)
     except Exception as e:  # pylint: disable=broad-except
       # Every waiting client must hear of it; the exception itself is logged in full.
       logging.exception('engine thread failed')
@@ -424,7 +440,7 @@ class Engine:
       else:
         self._set_knobs(request.slot, request.params)
         pending.append(request)
-    fits = self._chunk_sizes[-1] if self._max_packed else 0
+    fits = self._packed_sizes[-1] if self._max_packed else 0
     packable = [r for r in pending if r.prompt.size <= fits]
     while packable:
       group, total = [], 0
@@ -460,7 +476,7 @@ class Engine:
   def _prefill_packed(self, group: list) -> None:
     """One packed prefill call: the whole prompts of `group`."""
     total = sum(r.prompt.size for r in group)
-    size = next(n for n in self._chunk_sizes if n >= total)
+    size = next(n for n in self._packed_sizes if n >= total)
     self._state, first = self._packed(self._params, self._state,
                                       *self._packed_args(size, group))
     for request in group:
@@ -499,10 +515,11 @@ class Engine:
   def _launch_step(self) -> Optional['_Step']:
     """Dispatches one decode step of every slot whose request has its first token.
 
-    The host does not wait for the step: its tokens stay on the device and feed the next
-    step directly, and `_deliver_step` hands them out later. A request that turns out to be
-    complete when they are (max_tokens, a stop string) thus gets one more step that is thrown
-    away; it always fits in the cache, since a request may use every position up to max_len.
+    The host does not wait for the step here: its tokens stay on the device and feed the next
+    step directly, and `_deliver_step` hands them out. When that happens after the next launch
+    (overlap_host), a request that turns out to be complete (max_tokens, a stop string) gets
+    one more step that is thrown away; it always fits in the cache, since a request may use
+    every position up to max_len.
     """
     active = np.array([r is not None and r.num_new > 0 and not r.cancelled
                        for r in self._slots])

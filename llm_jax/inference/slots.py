@@ -97,7 +97,7 @@ def _draw(logits: jax.Array, knobs: dict, counts: jax.Array) -> jax.Array:
 
 
 def select_rows(logits: jax.Array, seen: jax.Array, knobs: dict, counts: jax.Array,
-                num_tokens) -> tuple:
+                num_tokens, live: jax.Array) -> tuple:
   """Picks each row's next token with its own sampling parameters.
 
   Args:
@@ -106,6 +106,7 @@ def select_rows(logits: jax.Array, seen: jax.Array, knobs: dict, counts: jax.Arr
     knobs: per-row parameters, see KNOBS; temperature 0 means greedy.
     counts: [B] tokens each row has drawn so far (folded into its seed).
     num_tokens: ids from this one on are never chosen (a padded vocabulary).
+    live: [B] bool rows whose tokens are used (the others' knobs pick no branch).
 
   Returns:
     (tokens [B], their log-probabilities [B], top ids [B, TOP_LOGPROBS], top
@@ -114,17 +115,32 @@ def select_rows(logits: jax.Array, seen: jax.Array, knobs: dict, counts: jax.Arr
   # Log-probabilities as logits minus their log-sum-exp, taken only where needed: a whole
   # [B, V] log-softmax would be one more pass over the logits.
   log_total = jax.nn.logsumexp(logits, axis=-1)
-  top_logits, top_ids = jax.lax.top_k(logits, min(TOP_LOGPROBS, logits.shape[-1]))
+  # The barrier keeps the first id's slice below from reaching the sort that XLA first makes
+  # of top_k: a sort with slices of two sizes stays a whole sort of every row (on CPU, many
+  # times slower than XLA's top-k).
+  top_logits, top_ids = jax.lax.optimization_barrier(
+      jax.lax.top_k(logits, min(TOP_LOGPROBS, logits.shape[-1])))
   raw = logits
-  logits = sampling.limit_vocabulary(logits, num_tokens)
-  logits = sampling.apply_repetition_penalty(logits, seen,
+
+  def processed():
+    limited = sampling.limit_vocabulary(raw, num_tokens)
+    return sampling.apply_repetition_penalty(limited, seen,
                                              knobs['repetition_penalty'][:, None])
-  greedy = _first_max(logits)
-  # The sort behind top-k/top-p costs more than the model step of a small model: skip it
-  # when every row decodes greedily.
-  drawn = jax.lax.cond(jnp.any(knobs['temperature'] > 0),
-                       lambda: _draw(logits, knobs, counts), lambda: greedy)
-  tokens = jnp.where(knobs['temperature'] > 0, drawn, greedy)
+
+  def sampled():
+    logits = processed()
+    return jnp.where(knobs['temperature'] > 0, _draw(logits, knobs, counts),
+                     _first_max(logits))
+
+  # Only the branch taken runs. The best raw logit (top_k's first: the lowest id among equal
+  # ones) is the greedy choice unless a repetition penalty or the vocabulary limit changes the
+  # logits; only then are the [B, V] logits processed (each pass over them is a sizeable part
+  # of a small model's step), and only a sampling row needs the sort behind top-k/top-p.
+  best = top_ids[:, 0].astype(jnp.int32)
+  unchanged = jnp.all(~live | ((knobs['repetition_penalty'] == 1) & (best < num_tokens)))
+  branch = jnp.where(jnp.any(live & (knobs['temperature'] > 0)), 2, jnp.where(unchanged, 0, 1))
+  tokens = jax.lax.switch(branch, [lambda best: best, lambda _: _first_max(processed()),
+                                   lambda _: sampled()], best)
   token_logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - log_total
   return (tokens, token_logprobs, top_ids.astype(jnp.int32),
           top_logits - log_total[:, None])
@@ -237,7 +253,7 @@ def prefill_rows(config: model_lib.ModelConfig, layout, params, state: dict, slo
   seen = seen.at[slots].set(fresh, mode='drop')
   seen = _mark_seen(seen, slots, tokens, in_prompt)
   row_seen = seen.at[slots].get(mode='fill', fill_value=False)
-  first = select_rows(logits, row_seen, knobs, jnp.zeros_like(starts), num_tokens)
+  first = select_rows(logits, row_seen, knobs, jnp.zeros_like(starts), num_tokens, used)
   is_last = used & (starts + chunk >= lengths)
   seen = _mark_seen(seen, slots, first[0][:, None], is_last[:, None])
   return {'cache': layout.constrain_cache(cache), 'seen': seen}, first
@@ -283,7 +299,7 @@ def prefill_packed(config: model_lib.ModelConfig, layout, params, state: dict, t
   seen = state['seen'].at[piece_slots].set(False, mode='drop')  # every prompt starts anew
   seen = seen.at[token_slots, tokens].set(True, mode='drop')
   first = select_rows(logits, seen.at[piece_slots].get(mode='fill', fill_value=False), knobs,
-                      jnp.zeros_like(piece_slots), num_tokens)
+                      jnp.zeros_like(piece_slots), num_tokens, piece_slots < num_slots)
   seen = _mark_seen(seen, piece_slots, first[0][:, None], (piece_slots < num_slots)[:, None])
   return {'cache': layout.constrain_cache(cache), 'seen': seen}, first
 
@@ -346,7 +362,7 @@ def decode_slots(config: model_lib.ModelConfig, layout, params, state: dict, pre
   last = jnp.where(fresh, last, previous)[:rows]
   logits, cache = _decode_layers(config, params, state['cache'], last, positions, window)
   drawn = select_rows(logits, state['seen'][:rows], {n: v[:rows] for n, v in knobs.items()},
-                      counts[:rows], num_tokens)
+                      counts[:rows], num_tokens, active[:rows])
   seen = state['seen'].at[jnp.arange(rows), drawn[0]].max(active[:rows])
   drawn = tuple(jnp.pad(x, [(0, num_slots - rows)] + [(0, 0)] * (x.ndim - 1)) for x in drawn)
   return {'cache': layout.constrain_cache(cache), 'seen': seen}, drawn
@@ -384,7 +400,13 @@ def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, pr
   prefills = {(chunk, window): jit(
       functools.partial(prefill_rows, config, layout, window=window), 6)
               for chunk, window in prefill_shapes}
-  packed = jit(functools.partial(prefill_packed, config, layout), 8)
+  # Packed prompts read no cache: on CPU their attention goes through the blockwise kernel,
+  # which skips the masked blocks of the row's causal, per-prompt mask.
+  if layout.mesh.devices.flat[0].platform == 'cpu':
+    packed_config = config.replace(attention_kernel='blockwise')
+  else:
+    packed_config = config
+  packed = jit(functools.partial(prefill_packed, packed_config, layout), 8)
   steps = {(window, rows): jit(functools.partial(decode_slots, config, layout, window=window,
                                                  rows=rows), 8)
            for window, rows in decode_shapes}

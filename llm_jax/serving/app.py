@@ -64,9 +64,20 @@ class _Generation:
       self._server.engine.cancel(self._request)
 
   async def outputs(self) -> AsyncIterator[Output]:
+    """The request's Outputs; those that arrived while the consumer was busy come merged
+    into one, so a stream that falls behind sends fewer, longer chunks instead of a growing
+    backlog of one-token chunks."""
     try:
+      held = None  # an error that followed tokens: it ends the stream after they went out
       while self.finish_reason is None:
-        output = await self._queue.get()
+        output = held if held is not None else await self._queue.get()
+        held = None
+        while output.finish_reason is None and not self._queue.empty():
+          following = self._queue.get_nowait()
+          if following.finish_reason == 'error':
+            held = following
+            break
+          output = _merged(output, following)
         if output.token_ids and not self.num_new:
           self.first_token = time.monotonic()
         self.num_new += len(output.token_ids)
@@ -86,12 +97,15 @@ class _Generation:
     """All Outputs merged into one."""
     merged = Output([], [], [])
     async for output in self.outputs():
-      merged.token_ids += output.token_ids
-      merged.logprobs += output.logprobs
-      merged.top_logprobs += output.top_logprobs
-      merged.text += output.text
-      merged.finish_reason = output.finish_reason
+      merged = _merged(merged, output)
     return merged
+
+
+def _merged(first: Output, then: Output) -> Output:
+  """One Output holding `first`'s tokens and text followed by `then`'s, and `then`'s end."""
+  return Output(first.token_ids + then.token_ids, first.logprobs + then.logprobs,
+                first.top_logprobs + then.top_logprobs, first.text + then.text,
+                then.finish_reason, then.error)
 
 
 class _Server:

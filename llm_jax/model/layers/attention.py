@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.model.layers import attention_kernels
+from llm_jax.model.layers import blockwise_attention
 from llm_jax.model.layers import rope
 from llm_jax.model.layers.projection import project
 
@@ -121,6 +122,11 @@ class Attention(nn.Module):
     # step will see them in the cache.
     key = key.astype(prefix['k'].dtype).astype(self.dtype)
     value = value.astype(prefix['v'].dtype).astype(self.dtype)
+    if prefix['k'].shape[1] == 0 and self.kernel == 'blockwise':
+      # No cache to read (packed whole prompts): causal self-attention within each segment,
+      # which the blockwise kernel computes without the fully masked blocks.
+      out = blockwise_attention.blockwise_attention(query, key, value, segment_ids)
+      return self._project_out(out, x.shape[-1]), {'k': key, 'v': value}
     out = attention_kernels.prefix_attention(
         query, key, value, positions, segment_ids, prefix['k'].astype(self.dtype),
         prefix['v'].astype(self.dtype), prefix_len)
