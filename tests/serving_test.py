@@ -111,6 +111,15 @@ def test_openai_completions_match_transformers(server, hf_model):
                                             temperature=0, stream=True,
                                             stream_options={'include_usage': True}))
   assert ''.join(c.choices[0].text for c in streamed if c.choices) == result.choices[0].text
+  # Streamed log-probabilities: the same tokens and text offsets (counted from the start of the
+  # completion, not of each chunk) as the whole response's.
+  whole = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=12,
+                                    temperature=0, logprobs=1).choices[0].logprobs
+  pieces = [c.choices[0].logprobs for c in client.completions.create(
+      model=MODEL, prompt=prompts[0], max_tokens=12, temperature=0, logprobs=1, stream=True)]
+  assert [t for p in pieces for t in p.tokens] == whole.tokens
+  assert [o for p in pieces for o in p.text_offset] == whole.text_offset
+  assert whole.text_offset[0] == 0 and len(set(whole.text_offset)) == len(whole.text_offset)
   usage = streamed[-1].usage
   assert usage.prompt_tokens == 1 + len(tokenizer.encode(prompts[0], add_special_tokens=False))
   assert usage.completion_tokens <= 12 and usage.total_tokens == (usage.prompt_tokens +

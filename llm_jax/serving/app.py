@@ -220,14 +220,18 @@ async def completions(body: protocol.CompletionRequest, request: fastapi.Request
     raise
   request_id = f'cmpl-{uuid.uuid4().hex}'
   if body.stream:
+    written = [0]  # characters of token text before this chunk: its tokens' first text_offset
+
     def choice(output: Output) -> dict:
       logprobs = None
       if body.logprobs is not None:
         tops = [top[:body.logprobs] for top in output.top_logprobs]
         logprobs = responses.completion_logprobs(server.token_text, output.token_ids,
-                                                 output.logprobs, tops)
+                                                 output.logprobs, tops, written[0])
+        written[0] += sum(len(token) for token in logprobs['tokens'])
       return {'index': 0, 'text': output.text, 'logprobs': logprobs,
               'finish_reason': output.finish_reason}
+
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return fastapi_responses.StreamingResponse(
         _stream(server, generations[0], 'text_completion', request_id, choice, include_usage),
