@@ -97,10 +97,11 @@ class _Step:
 
 
 def _size_ladder(low: int, high: int, fine_from: int) -> list:
-  """Static sizes from `low` to `high` (included): powers of two, and from `fine_from` on
-  also the sizes halfway between them (with 64: 64, 96, 128, 192, 256, 384, ...). A call pads
-  its work up to the next size: fewer sizes mean fewer programs to compile, finer ones less
-  padding where the work is large enough for it to matter."""
+  """Static sizes from `low` (a power of two) to `high` (included): powers of two, and from
+  `fine_from` (at least 2) on also the sizes halfway between them (with 64: 64, 96, 128, 192,
+  256, 384, ...). A call pads its work up to the next size: fewer sizes mean fewer programs to
+  compile (all before the first request), finer ones less padding where the work is large
+  enough for it to matter."""
   sizes = [min(low, high)]
   while sizes[-1] < high:
     size = sizes[-1]

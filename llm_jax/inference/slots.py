@@ -401,7 +401,8 @@ def compiled_programs(config: model_lib.ModelConfig, layout, state_shardings, pr
       functools.partial(prefill_rows, config, layout, window=window), 6)
               for chunk, window in prefill_shapes}
   # Packed prompts read no cache: on CPU their attention goes through the blockwise kernel,
-  # which skips the masked blocks of the row's causal, per-prompt mask.
+  # which skips the blocks above the causal diagonal of a long row. (It masks by index within
+  # the row, which is position order within each packed prompt.)
   if layout.mesh.devices.flat[0].platform == 'cpu':
     packed_config = config.replace(attention_kernel='blockwise')
   else:

@@ -70,14 +70,15 @@ class _Generation:
     try:
       held = None  # an error that followed tokens: it ends the stream after they went out
       while self.finish_reason is None:
-        output = held if held is not None else await self._queue.get()
+        pending = [held if held is not None else await self._queue.get()]
         held = None
-        while output.finish_reason is None and not self._queue.empty():
+        while pending[-1].finish_reason is None and not self._queue.empty():
           following = self._queue.get_nowait()
           if following.finish_reason == 'error':
             held = following
             break
-          output = _merged(output, following)
+          pending.append(following)
+        output = pending[0] if len(pending) == 1 else _joined(pending)
         if output.token_ids and not self.num_new:
           self.first_token = time.monotonic()
         self.num_new += len(output.token_ids)
@@ -95,17 +96,23 @@ class _Generation:
 
   async def collect(self) -> Output:
     """All Outputs merged into one."""
-    merged = Output([], [], [])
-    async for output in self.outputs():
-      merged = _merged(merged, output)
-    return merged
+    return _joined([output async for output in self.outputs()])
 
 
-def _merged(first: Output, then: Output) -> Output:
-  """One Output holding `first`'s tokens and text followed by `then`'s, and `then`'s end."""
-  return Output(first.token_ids + then.token_ids, first.logprobs + then.logprobs,
-                first.top_logprobs + then.top_logprobs, first.text + then.text,
-                then.finish_reason, then.error)
+def _joined(outputs: list) -> Output:
+  """One Output holding the tokens and text of `outputs` in order, and the last one's end.
+
+  Built once from all of them: merging them pairwise would copy the lists again at every
+  step, a cost quadratic in the tokens of a long response.
+  """
+  merged = Output([], [], [])
+  for output in outputs:
+    merged.token_ids.extend(output.token_ids)
+    merged.logprobs.extend(output.logprobs)
+    merged.top_logprobs.extend(output.top_logprobs)
+    merged.finish_reason, merged.error = output.finish_reason, output.error
+  merged.text = ''.join(output.text for output in outputs)
+  return merged
 
 
 class _Server:

@@ -123,8 +123,9 @@ class Attention(nn.Module):
     key = key.astype(prefix['k'].dtype).astype(self.dtype)
     value = value.astype(prefix['v'].dtype).astype(self.dtype)
     if prefix['k'].shape[1] == 0 and self.kernel == 'blockwise':
-      # No cache to read (packed whole prompts): causal self-attention within each segment,
-      # which the blockwise kernel computes without the fully masked blocks.
+      # No cache to read (packed whole prompts, each in position order): causal self-attention
+      # within each segment, which the blockwise kernel computes without the blocks above
+      # the diagonal.
       out = blockwise_attention.blockwise_attention(query, key, value, segment_ids)
       return self._project_out(out, x.shape[-1]), {'k': key, 'v': value}
     out = attention_kernels.prefix_attention(
