@@ -215,11 +215,9 @@ def test_several_prompts_packed_in_a_row_and_a_host_that_waits_match_generate(pa
 
 
 def test_static_sizes_are_powers_of_two_then_halfway_sizes():
-  assert engine_lib._size_ladder(64, 1024, fine_from=128) == [  # pylint: disable=protected-access
-      64, 128, 192, 256, 384, 512, 768, 1024]
-  assert engine_lib._size_ladder(16, 256, fine_from=64) == [  # pylint: disable=protected-access
-      16, 32, 64, 96, 128, 192, 256]
+  ladder = engine_lib._size_ladder  # pylint: disable=protected-access
+  assert ladder(64, 1024, fine_from=128) == [64, 128, 192, 256, 384, 512, 768, 1024]
+  assert ladder(16, 256, fine_from=64) == [16, 32, 64, 96, 128, 192, 256]
   # The top is always the limit itself, also when it is not on the ladder.
-  assert engine_lib._size_ladder(64, 300, fine_from=128) == [  # pylint: disable=protected-access
-      64, 128, 192, 256, 300]
-  assert engine_lib._size_ladder(64, 40, fine_from=128) == [40]  # pylint: disable=protected-access
+  assert ladder(64, 300, fine_from=128) == [64, 128, 192, 256, 300]
+  assert ladder(64, 40, fine_from=128) == [40]

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llm_jax.model.layers import attention_kernels
-from llm_jax.model.layers import blockwise_attention
 from llm_jax.model.layers import rope
 from llm_jax.model.layers.projection import project
 
@@ -126,7 +125,8 @@ class Attention(nn.Module):
       # No cache to read (packed whole prompts, each in position order): causal self-attention
       # within each segment, which the blockwise kernel computes without the blocks above
       # the diagonal.
-      out = blockwise_attention.blockwise_attention(query, key, value, segment_ids)
+      out = attention_kernels.dot_product_attention(query, key, value, None, None, segment_ids,
+                                                    segment_ids, kernel='blockwise')
       return self._project_out(out, x.shape[-1]), {'k': key, 'v': value}
     out = attention_kernels.prefix_attention(
         query, key, value, positions, segment_ids, prefix['k'].astype(self.dtype),
